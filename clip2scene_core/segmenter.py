@@ -1,0 +1,243 @@
+"""``Segmenter``: a deployable checkpoint turned into per-point labels and scores.
+
+The 3D network embeds every point into CLIP's space; a point's class is the text embedding
+it is closest to, so the vocabulary is just a matrix that can be swapped at run time. When a
+CLIP teacher is loaded and camera frames are given, the teacher's dense pixel predictions
+are fused into the points that project into an image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, EmptyPointCloudError
+from .types import CameraFrame, Scan
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is a ConfigError."""
+    if isinstance(device, torch.device):
+        return device
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for but CUDA is not available")
+    return dev
+
+
+@dataclass
+class SegmenterConfig:
+    """Run-time options (not stored in the checkpoint)."""
+
+    device: str = "auto"
+    head: Literal["local", "global", "both"] = "local"
+    logit_scale: float = 100.0          # CLIP's temperature: softmax(100 · cosine)
+    camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
+    camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
+    min_depth: float = 0.5              # metres in front of a camera to count as seen
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray                  # (N,) int64 index into class_names; -1 for dropped points
+    scores: np.ndarray                  # (N,) float32 probability of the label; 0 for dropped points
+    valid: np.ndarray                   # (N,) bool: point was finite and inside the voxel range
+    class_names: list[str]
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
+    info: dict[str, object] = field(default_factory=dict)     # counts: dropped, cameras used/skipped
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Segmenter:
+    """Per-point open-vocabulary labels from a CLIP2Scene network."""
+
+    def __init__(self, model: torch.nn.Module, model_config, vocabulary, text_embeddings: torch.Tensor,
+                 clip_model: str = "", teacher=None, config: SegmenterConfig | None = None,
+                 extra: dict | None = None) -> None:
+        self.config = config or SegmenterConfig()
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device).eval()
+        self.model_config = model_config
+        self.clip_model = clip_model
+        self.teacher = teacher
+        self.extra = dict(extra or {})
+        self._lock = threading.Lock()
+        self._vocab = None  # (Vocabulary, (K, D) tensor on device), swapped atomically
+        self._install_vocabulary(vocabulary, text_embeddings)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, teacher=None,
+                        config: SegmenterConfig | None = None) -> "Segmenter":
+        from .models import build_model
+
+        model = build_model(ckpt.model_config)
+        try:
+            model.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint weights do not fit the model config: {exc}") from exc
+        return cls(model, ckpt.model_config, ckpt.vocabulary, ckpt.text_embeddings, ckpt.clip_model,
+                   teacher=teacher, config=config, extra=ckpt.extra)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", teacher=None,
+             config: SegmenterConfig | None = None) -> "Segmenter":
+        """Load a deployable checkpoint (CheckpointError on a corrupt or mismatched file)."""
+        config = config or SegmenterConfig()
+        if device != "auto":
+            config = dataclasses.replace(config, device=device)
+        return cls.from_checkpoint(load_checkpoint(path, map_location="cpu"), teacher, config)
+
+    def to_checkpoint(self) -> Checkpoint:
+        vocab, emb = self._vocab
+        return Checkpoint(self.model_config, self.model.state_dict(), vocab, emb.cpu(),
+                          self.clip_model, dict(self.extra))
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, self.to_checkpoint())
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocabulary(self):
+        return self._vocab[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._vocab[0].class_names)
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        return self._vocab[1]
+
+    def _install_vocabulary(self, vocabulary, emb: torch.Tensor) -> None:
+        emb = torch.as_tensor(emb, dtype=torch.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(vocabulary.class_names):
+            raise ConfigError(
+                f"text embeddings {tuple(emb.shape)} do not match {len(vocabulary.class_names)} classes")
+        if emb.shape[1] != self.model_config.embed_dim:
+            raise ConfigError(f"text embeddings have dimension {emb.shape[1]}, the network outputs "
+                              f"{self.model_config.embed_dim}")
+        emb = F.normalize(emb, dim=1).to(self.device)
+        with self._lock:
+            self._vocab = (vocabulary, emb)
+
+    def set_vocabulary(self, vocabulary, text_embeddings: torch.Tensor | None = None) -> None:
+        """Replace the classes; takes effect on the next ``segment`` call.
+
+        ``vocabulary`` is a Vocabulary or a list of class names. Without ``text_embeddings``
+        the loaded CLIP teacher's text encoder computes them.
+        """
+        from .clip.vocabulary import Vocabulary
+
+        if not isinstance(vocabulary, Vocabulary):
+            names = [str(n).strip() for n in vocabulary]
+            if not names or any(not n for n in names) or len(set(names)) != len(names):
+                raise ConfigError(f"class names must be non-empty and unique, got {names}")
+            vocabulary = Vocabulary.from_names(names)
+        if text_embeddings is None:
+            if self.teacher is None:
+                raise ConfigError("no CLIP text encoder is loaded: give text embeddings "
+                                  "(an embedding file) or load the segmenter with a teacher")
+            text_embeddings = self.teacher.text_embeddings(vocabulary)
+        self._install_vocabulary(vocabulary, text_embeddings)
+
+    def load_vocabulary_file(self, path: str | Path) -> None:
+        """Swap in a vocabulary saved with ``clip.vocabulary.save_text_embeddings``."""
+        from .clip.vocabulary import load_text_embeddings
+
+        loaded = load_text_embeddings(path)
+        vocabulary, emb = loaded[0], loaded[1]
+        self._install_vocabulary(vocabulary, emb)
+
+    # ------------------------------------------------------------------- inference
+    def _point_logits(self, out, emb: torch.Tensor) -> torch.Tensor:
+        head = self.config.head
+        if head == "local":
+            feats = F.normalize(out.local, dim=1)
+        elif head == "global":
+            feats = F.normalize(out.global_, dim=1)
+        else:
+            feats = F.normalize(F.normalize(out.local, dim=1) + F.normalize(out.global_, dim=1), dim=1)
+        return self.config.logit_scale * feats @ emb.t()
+
+    def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
+                      emb: torch.Tensor, info: dict) -> torch.Tensor:
+        from .geometry import project_points
+
+        seen_sum = torch.zeros_like(probs)
+        seen_cnt = torch.zeros(probs.shape[0], device=probs.device)
+        for cam in cameras:
+            proj = project_points(xyz, cam.calibration, min_depth=self.config.min_depth)
+            idx = np.flatnonzero(proj.valid)
+            if idx.size == 0:
+                info["cameras_skipped"].append((cam.name, "no point projects into the image"))
+                continue
+            feats = self.teacher.pixel_features(cam.image, proj.uv[idx]).to(probs.device)
+            logits = self.config.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
+            t_idx = torch.as_tensor(idx, device=probs.device)
+            seen_sum.index_add_(0, t_idx, logits.softmax(dim=1))
+            seen_cnt.index_add_(0, t_idx, torch.ones(idx.size, device=probs.device))
+            info["cameras_used"].append(cam.name)
+        seen = seen_cnt > 0
+        w = self.config.camera_weight
+        probs = probs.clone()
+        probs[seen] = (1 - w) * probs[seen] + w * seen_sum[seen] / seen_cnt[seen, None]
+        info["points_seen_by_cameras"] = int(seen.sum())
+        return probs
+
+    @torch.inference_mode()
+    def segment(self, scan: Scan, cameras: Sequence[CameraFrame] = ()) -> SegmentationResult:
+        """Label every point of ``scan``; points that cannot be voxelised get label -1."""
+        from .models import VoxelBatch
+        from .voxelize import voxelize
+
+        vocab, emb = self._vocab  # one consistent vocabulary for this frame
+        n = len(scan)
+        labels = np.full(n, -1, dtype=np.int64)
+        scores = np.zeros(n, dtype=np.float32)
+        info: dict[str, object] = {"points_in": n, "cameras_used": [], "cameras_skipped": []}
+        timings: dict[str, float] = {}
+        if n == 0:
+            return SegmentationResult(labels, scores, np.zeros(0, bool), list(vocab.class_names),
+                                      timings, {**info, "points_dropped": 0})
+        t0 = time.perf_counter()
+        try:
+            voxels = voxelize([scan], self.model_config.voxel)
+        except EmptyPointCloudError as exc:
+            info.update(points_dropped=n, reason=str(exc))
+            return SegmentationResult(labels, scores, np.zeros(n, bool), list(vocab.class_names),
+                                      timings, info)
+        batch = VoxelBatch.from_voxels(voxels, self.device)
+        timings["voxelize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = self.model(batch)
+        probs = self._point_logits(out, emb).float().softmax(dim=1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings["infer"] = time.perf_counter() - t0
+        if cameras:
+            if self.teacher is None or not self.config.camera_fusion:
+                reason = "no CLIP teacher loaded" if self.teacher is None else "camera fusion disabled"
+                info["cameras_skipped"] = [(c.name, reason) for c in cameras]
+            else:
+                t0 = time.perf_counter()
+                probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask], cameras, emb, info)
+                timings["cameras"] = time.perf_counter() - t0
+        score, label = probs.max(dim=1)
+        labels[voxels.point_mask] = label.cpu().numpy()
+        scores[voxels.point_mask] = score.cpu().numpy()
+        info["points_dropped"] = int(n - voxels.point_mask.sum())
+        return SegmentationResult(labels, scores, voxels.point_mask.copy(), list(vocab.class_names),
+                                  timings, info)
