@@ -155,11 +155,11 @@ class Segmenter:
 
     def load_vocabulary_file(self, path: str | Path) -> None:
         """Swap in a vocabulary saved with ``clip.vocabulary.save_text_embeddings``."""
-        from .clip.vocabulary import load_text_embeddings
+        from .clip.text_bank import load_text_embeddings
 
-        loaded = load_text_embeddings(path)
-        vocabulary, emb = loaded[0], loaded[1]
-        self._install_vocabulary(vocabulary, emb)
+        te = load_text_embeddings(path, model_name=self.clip_model or None,
+                                  embed_dim=self.model_config.embed_dim)
+        self._install_vocabulary(te.vocabulary, te.embeddings)
 
     # ------------------------------------------------------------------- inference
     def _point_logits(self, out, emb: torch.Tensor) -> torch.Tensor:
@@ -174,6 +174,7 @@ class Segmenter:
 
     def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
                       emb: torch.Tensor, info: dict) -> torch.Tensor:
+        from .clip.preprocess import sample_grid
         from .geometry import project_points
 
         seen_sum = torch.zeros_like(probs)
@@ -184,7 +185,9 @@ class Segmenter:
             if idx.size == 0:
                 info["cameras_skipped"].append((cam.name, "no point projects into the image"))
                 continue
-            feats = self.teacher.pixel_features(cam.image, proj.uv[idx]).to(probs.device)
+            dense, geo = self.teacher.dense_features_with_geometry(cam.image)
+            idx = idx[geo.inside(proj.uv[idx])]  # the teacher may crop the image borders
+            feats = sample_grid(dense[0], proj.uv[idx], geo).to(probs.device)
             logits = self.config.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
             t_idx = torch.as_tensor(idx, device=probs.device)
             seen_sum.index_add_(0, t_idx, logits.softmax(dim=1))
