@@ -1,0 +1,487 @@
+"""``sensor_msgs/PointCloud2`` ⇄ numpy structured arrays, for any field layout.
+
+Same API and semantics as ``sensor_msgs_py.point_cloud2`` (``read_points``,
+``read_points_numpy``, ``create_cloud``, ``dtype_from_fields``, ``fields_from_dtype``), written
+without rclpy so the same code reads rclpy messages and rosbags' deserialised messages. It
+handles what drivers actually publish: padding between fields and at the end of a point,
+``row_step`` larger than ``width * point_step``, organised clouds (``height > 1``), big-endian
+data, fields with ``count > 1`` (read as ``name_0 .. name_{count-1}``, as sensor_msgs_py does)
+and non-dense clouds holding NaN. Differences from sensor_msgs_py, on purpose:
+
+* returned arrays are packed copies in native byte order (never views of ``msg.data``);
+* an organised array is shaped ``(height, width)`` both when read and when created
+  (sensor_msgs_py reads ``(width, height)`` and creates ``height = shape[1]``);
+* ``uvs`` indexes the cloud itself (before NaN points are skipped) and also takes (u, v) pairs;
+* malformed messages raise ``InvalidPointCloudError`` instead of ``AssertionError``.
+
+On top of that: ``cloud_to_scan`` (message → ``clip2scene_core.types.Scan``) and
+``labeled_cloud`` (segmentation result → output cloud with label / score / packed rgb).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from clip2scene_core.errors import InvalidPointCloudError
+from clip2scene_core.types import Scan
+
+from .msgs import MessageFactory, data_as_array, default_factory, header_stamp_ns, make_header
+
+__all__ = [
+    "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "FLOAT32", "FLOAT64", "DATATYPES",
+    "DUMMY_FIELD_PREFIX", "UNLABELED", "FIELD_ALIASES", "dtype_from_fields", "fields_from_dtype",
+    "read_points", "read_points_numpy", "read_points_list", "create_cloud", "create_cloud_xyz32",
+    "CloudStats", "cloud_to_scan", "scan_to_cloud", "labeled_cloud", "pack_rgb", "unpack_rgb",
+    "make_point_field",
+]
+
+# sensor_msgs/PointField datatype constants.
+INT8, UINT8, INT16, UINT16, INT32, UINT32, FLOAT32, FLOAT64 = range(1, 9)
+DATATYPES: dict[int, np.dtype] = {
+    INT8: np.dtype(np.int8), UINT8: np.dtype(np.uint8), INT16: np.dtype(np.int16),
+    UINT16: np.dtype(np.uint16), INT32: np.dtype(np.int32), UINT32: np.dtype(np.uint32),
+    FLOAT32: np.dtype(np.float32), FLOAT64: np.dtype(np.float64),
+}
+_CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt in DATATYPES.items()}
+
+# Unnamed fields get this name plus their index (as in sensor_msgs_py).
+DUMMY_FIELD_PREFIX = "unnamed_field"
+# Label written for points the segmenter dropped (label -1); UINT16 cannot hold -1.
+UNLABELED = 65535
+# Names under which drivers publish a field that ``cloud_to_scan`` asks for.
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "intensity": ("intensity", "i", "remission", "reflectance"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# dtype ⇄ fields
+# --------------------------------------------------------------------------------------------
+def _field_tuple(f: Any, index: int) -> tuple[str, int, int, int]:
+    """(name, offset, datatype, count) of a PointField of any backend."""
+    try:
+        name, offset, datatype, count = f.name, int(f.offset), int(f.datatype), int(f.count)
+    except AttributeError as exc:
+        raise InvalidPointCloudError(f"field #{index} is not a PointField: {exc}") from None
+    return (name or f"{DUMMY_FIELD_PREFIX}_{index}"), offset, datatype, count
+
+
+def dtype_from_fields(fields: Iterable[Any], point_step: int | None = None,
+                      is_bigendian: bool = False) -> np.dtype:
+    """Structured dtype of one point: one numpy field per PointField element.
+
+    A field with ``count > 1`` becomes ``name_0 .. name_{count-1}``. ``point_step`` sets the
+    item size (trailing padding); byte order follows ``is_bigendian``.
+    """
+    order = ">" if is_bigendian else "<"
+    names: list[str] = []
+    formats: list[np.dtype] = []
+    offsets: list[int] = []
+    for i, f in enumerate(fields):
+        name, offset, datatype, count = _field_tuple(f, i)
+        if datatype not in DATATYPES:
+            raise InvalidPointCloudError(
+                f"field '{name}' has unknown datatype {datatype} (PointField uses 1..8)")
+        if count < 1:
+            raise InvalidPointCloudError(f"field '{name}' has count {count}; must be >= 1")
+        if offset < 0:
+            raise InvalidPointCloudError(f"field '{name}' has negative offset {offset}")
+        base = DATATYPES[datatype].newbyteorder(order)
+        for k in range(count):
+            sub = f"{name}_{k}" if count > 1 else name
+            if sub in names:
+                raise InvalidPointCloudError(f"duplicate field name '{sub}'")
+            names.append(sub)
+            formats.append(base)
+            offsets.append(offset + k * base.itemsize)
+    end = max((o + f.itemsize for o, f in zip(offsets, formats)), default=0)
+    if point_step is None:
+        point_step = end
+    elif end > int(point_step):
+        bad = [n for n, o, f in zip(names, offsets, formats) if o + f.itemsize > point_step]
+        raise InvalidPointCloudError(
+            f"field(s) {bad} extend beyond point_step {point_step} (need {end} bytes)")
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                     "itemsize": int(point_step)})
+
+
+def make_point_field(name: str, offset: int, datatype: int, count: int = 1,
+                     msg_factory: MessageFactory | None = None) -> Any:
+    """One ``sensor_msgs/PointField`` of the factory's backend."""
+    factory = msg_factory or default_factory()
+    return factory.new("PointField", name=str(name), offset=int(offset), datatype=int(datatype),
+                       count=int(count))
+
+
+def fields_from_dtype(dtype: np.dtype, msg_factory: MessageFactory | None = None) -> list[Any]:
+    """PointFields describing a structured dtype (offsets kept; a subarray field → count)."""
+    dtype = np.dtype(dtype)
+    if dtype.names is None:
+        raise InvalidPointCloudError(f"expected a structured dtype, got {dtype}")
+    out = []
+    for name in dtype.names:
+        ftype, offset = dtype.fields[name][:2]
+        count = 1
+        if ftype.subdtype is not None:
+            ftype, shape = ftype.subdtype
+            count = int(np.prod(shape))
+        code = _CODES.get((ftype.kind, ftype.itemsize))
+        if code is None:
+            raise InvalidPointCloudError(
+                f"field '{name}' has dtype {ftype}, which PointField cannot represent")
+        out.append(make_point_field(name, offset, code, count, msg_factory))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+def _cloud_view(cloud: Any) -> np.ndarray:
+    """(height, width) structured view of ``cloud.data`` in the message's byte order."""
+    try:
+        height, width = int(cloud.height), int(cloud.width)
+        point_step, row_step = int(cloud.point_step), int(cloud.row_step)
+        big = bool(cloud.is_bigendian)
+        fields = list(cloud.fields)
+        raw = cloud.data
+    except AttributeError as exc:
+        raise InvalidPointCloudError(f"not a PointCloud2 message: {exc}") from None
+    dt = dtype_from_fields(fields, point_step, big)
+    data = data_as_array(raw)
+    if height * width == 0:
+        return np.zeros((height, width), dtype=dt)
+    if point_step <= 0:
+        raise InvalidPointCloudError(f"point_step is {point_step} for a non-empty cloud")
+    line = width * point_step
+    if height > 1 and row_step < line:
+        raise InvalidPointCloudError(
+            f"row_step {row_step} < width {width} * point_step {point_step}")
+    stride = row_step if height > 1 else line
+    need = (height - 1) * stride + line
+    most = height * max(row_step, line)
+    if not need <= data.size <= most:
+        raise InvalidPointCloudError(
+            f"data has {data.size} bytes but a {height}x{width} cloud with point_step "
+            f"{point_step} and row_step {row_step} needs {need}" + ("" if need == most else f"..{most}"))
+    return np.ndarray((height, width), dtype=dt, buffer=data, strides=(stride, point_step))
+
+
+def _select(view: np.ndarray, field_names: Sequence[str] | None) -> np.ndarray:
+    """Packed native-order copy of the chosen fields."""
+    names = list(view.dtype.names) if field_names is None else list(field_names)
+    missing = [n for n in names if n not in view.dtype.names]
+    if missing:
+        raise InvalidPointCloudError(
+            f"field(s) {missing} not in the cloud (fields: {list(view.dtype.names)})")
+    out = np.empty(view.shape, dtype=[(n, view.dtype.fields[n][0].newbyteorder("=")) for n in names])
+    for n in names:
+        out[n] = view[n]
+    return out
+
+
+def _nan_mask(points: np.ndarray) -> np.ndarray:
+    """True where no floating-point field is NaN."""
+    ok = np.ones(points.shape, dtype=bool)
+    for n in points.dtype.names:
+        if points.dtype.fields[n][0].kind == "f":
+            ok &= ~np.isnan(points[n])
+    return ok
+
+
+def read_points(cloud: Any, field_names: Sequence[str] | None = None, skip_nans: bool = False,
+                uvs: Iterable[Any] | np.ndarray | None = None,
+                reshape_organized_cloud: bool = False) -> np.ndarray:
+    """Points of ``cloud`` as a structured array (fields ``field_names``, default all).
+
+    ``skip_nans`` drops points with a NaN in any selected float field unless the cloud says
+    it is dense (as sensor_msgs_py). ``uvs`` picks points: flat indices, or (u, v) pairs
+    meaning column u of row v. ``reshape_organized_cloud`` returns (height, width).
+    """
+    view = _cloud_view(cloud)
+    height, width = view.shape
+    points = _select(view, field_names)
+    flat = points.reshape(-1)
+    if uvs is not None:
+        idx = np.asarray(uvs if isinstance(uvs, np.ndarray) else list(uvs))
+        if idx.size and idx.dtype.kind not in "iu":
+            raise InvalidPointCloudError(f"uvs must be integers, got {idx.dtype}")
+        if idx.ndim == 2 and idx.shape[1] == 2:
+            u, v = idx[:, 0].astype(np.int64), idx[:, 1].astype(np.int64)
+            if np.any((u < 0) | (u >= width) | (v < 0) | (v >= height)):
+                raise InvalidPointCloudError(f"uvs outside the {width}x{height} cloud")
+            idx = v * width + u
+        elif idx.ndim <= 1:
+            idx = idx.reshape(-1).astype(np.int64)
+            if np.any((idx < 0) | (idx >= flat.size)):
+                raise InvalidPointCloudError(f"uvs index outside [0, {flat.size})")
+        else:
+            raise InvalidPointCloudError(f"uvs must be (K,) indices or (K, 2) pairs, got {idx.shape}")
+        flat = flat[idx]
+    drop_nans = skip_nans and not bool(cloud.is_dense)
+    if reshape_organized_cloud and height > 1:
+        if uvs is not None or drop_nans:
+            raise InvalidPointCloudError(
+                "reshape_organized_cloud cannot be combined with uvs or skipping NaN points")
+        return points
+    if drop_nans:
+        flat = flat[_nan_mask(flat)]
+    return flat
+
+
+def read_points_numpy(cloud: Any, field_names: Sequence[str] | None = None,
+                      skip_nans: bool = False, uvs: Iterable[Any] | np.ndarray | None = None,
+                      reshape_organized_cloud: bool = False, dtype: Any = None) -> np.ndarray:
+    """Like ``read_points`` but an unstructured (N, F) array (or (H, W, F)).
+
+    All selected fields must share one datatype unless ``dtype`` says what to cast to.
+    """
+    pts = read_points(cloud, field_names, skip_nans, uvs, reshape_organized_cloud)
+    types = {pts.dtype.fields[n][0] for n in pts.dtype.names}
+    if dtype is None:
+        if len(types) > 1:
+            raise InvalidPointCloudError(
+                f"fields {list(pts.dtype.names)} have different datatypes {sorted(map(str, types))}; "
+                "pass dtype= or use read_points")
+        dtype = types.pop()
+    out = np.empty(pts.shape + (len(pts.dtype.names),), dtype=dtype)
+    for i, n in enumerate(pts.dtype.names):
+        out[..., i] = pts[n]
+    return out
+
+
+def read_points_list(cloud: Any, field_names: Sequence[str] | None = None,
+                     skip_nans: bool = False, uvs: Iterable[Any] | None = None) -> list[tuple]:
+    """Points as a list of tuples (slow; for small clouds and debugging)."""
+    return [tuple(p) for p in read_points(cloud, field_names, skip_nans, uvs).tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def _check_fits(name: str, values: np.ndarray, target: np.dtype) -> None:
+    """Refuse integer fields that would wrap around or receive NaN (numpy casts silently)."""
+    if target.kind not in "iu" or values.size == 0:
+        return
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        raise InvalidPointCloudError(f"field '{name}' is {target} but values contain NaN/inf")
+    if values.dtype.kind in "iuf":
+        info = np.iinfo(target)
+        lo, hi = values.min(), values.max()
+        if lo < info.min or hi > info.max:
+            raise InvalidPointCloudError(
+                f"field '{name}' is {target} but values span [{lo}, {hi}]")
+
+
+def create_cloud(header: Any, fields: Sequence[Any], points: Any, *,
+                 point_step: int | None = None, is_bigendian: bool = False,
+                 is_dense: bool | None = None,
+                 msg_factory: MessageFactory | None = None) -> Any:
+    """PointCloud2 holding ``points`` laid out as ``fields`` describe.
+
+    ``points``: a structured array with the field names (N,) or organised (H, W); an
+    unstructured (N, F) / (H, W, F) array with columns in field order; or a list of tuples.
+    ``point_step`` adds trailing padding (zero bytes); ``is_dense`` defaults to "no NaN/inf
+    in any float field".
+    """
+    factory = msg_factory or default_factory()
+    dt = dtype_from_fields(fields, point_step, is_bigendian)
+    names = list(dt.names)
+    native = np.dtype([(n, dt.fields[n][0].newbyteorder("=")) for n in names])
+    if isinstance(points, np.ndarray) and points.dtype.names is not None:
+        src = points
+        missing = [n for n in names if n not in src.dtype.names]
+        extra = [n for n in src.dtype.names if n not in names]
+        if missing or extra:
+            raise InvalidPointCloudError(
+                f"points have fields {list(src.dtype.names)} but the PointFields are {names}")
+    else:
+        arr = points if isinstance(points, np.ndarray) else None
+        if arr is None:
+            try:
+                src = np.array([tuple(p) for p in points], dtype=native)
+            except (TypeError, ValueError) as exc:
+                raise InvalidPointCloudError(f"cannot convert points to {names}: {exc}") from None
+        else:
+            if arr.ndim not in (2, 3) or arr.shape[-1] != len(names):
+                raise InvalidPointCloudError(
+                    f"unstructured points must be (N, {len(names)}) or (H, W, {len(names)}) "
+                    f"for fields {names}, got {arr.shape}")
+            src = {n: arr[..., i] for i, n in enumerate(names)}
+    shape = src.shape if isinstance(src, np.ndarray) else next(iter(src.values())).shape
+    if len(shape) == 1:
+        height, width = 1, shape[0]
+    elif len(shape) == 2:
+        height, width = shape
+    else:
+        raise InvalidPointCloudError(f"points must be 1-D or organised 2-D, got shape {shape}")
+    buf = np.zeros((height, width), dtype=dt)
+    for n in names:
+        values = np.asarray(src[n]).reshape(height, width)
+        _check_fits(n, values, dt.fields[n][0])
+        buf[n] = values
+    if is_dense is None:
+        floats = [n for n in names if dt.fields[n][0].kind == "f"]
+        is_dense = all(bool(np.all(np.isfinite(buf[n]))) for n in floats)
+    if header is None:
+        header = make_header(0, "", factory)
+    out_fields = [make_point_field(*_field_tuple(f, i), msg_factory=factory)
+                  for i, f in enumerate(fields)]
+    return factory.new(
+        "PointCloud2", header=header, height=int(height), width=int(width), fields=out_fields,
+        is_bigendian=bool(is_bigendian), point_step=int(dt.itemsize),
+        row_step=int(dt.itemsize * width), data=factory.uint8_data(buf.reshape(-1).view(np.uint8)),
+        is_dense=bool(is_dense))
+
+
+def create_cloud_xyz32(header: Any, points: np.ndarray,
+                       msg_factory: MessageFactory | None = None) -> Any:
+    """Cloud with FLOAT32 x, y, z from an (N, 3) array."""
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, msg_factory) for i, n in enumerate("xyz")]
+    return create_cloud(header, fields, np.asarray(points, dtype=np.float32), msg_factory=msg_factory)
+
+
+# --------------------------------------------------------------------------------------------
+# clip2scene conversions
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CloudStats:
+    """What ``cloud_to_scan`` did to a message, for logs and the node's diagnostics."""
+
+    n_points: int                      # width * height of the message
+    n_kept: int                        # points in the Scan
+    n_nonfinite: int                   # dropped: x, y or z NaN / inf
+    n_feature_nonfinite: int = 0       # extra-field values that were NaN / inf (set to 0)
+    missing_fields: tuple[str, ...] = ()  # requested extra fields absent: filled with zeros
+    field_sources: dict[str, str] = field(default_factory=dict)  # requested → message field
+    organized: bool = False            # height > 1
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n_points,) row-major
+
+
+def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
+                  aliases: Mapping[str, Sequence[str]] = FIELD_ALIASES) -> tuple[Scan, CloudStats]:
+    """``Scan`` with x, y, z and the requested extra ``fields`` (float32).
+
+    Points with a non-finite coordinate are dropped (``stats.kept`` says which). A requested
+    field the cloud lacks (under its name or an alias) becomes zeros and is listed in
+    ``stats.missing_fields``; non-finite values of extra fields become 0 and are counted.
+    """
+    view = _cloud_view(msg)
+    names = view.dtype.names
+    absent = [c for c in "xyz" if c not in names]
+    if absent:
+        raise InvalidPointCloudError(f"cloud has no {absent} field(s) (fields: {list(names)})")
+    flat = view.reshape(-1)
+    n = flat.size
+    extras = [f for f in dict.fromkeys(fields) if f not in ("x", "y", "z")]
+    cols = np.empty((n, 3 + len(extras)), dtype=np.float32)
+    for i, c in enumerate("xyz"):
+        cols[:, i] = flat[c]
+    missing: list[str] = []
+    sources: dict[str, str] = {}
+    for j, name in enumerate(extras):
+        src = next((a for a in aliases.get(name, (name,)) if a in names), None)
+        if src is None and name in names:
+            src = name
+        if src is None:
+            missing.append(name)
+            cols[:, 3 + j] = 0.0
+        else:
+            sources[name] = src
+            cols[:, 3 + j] = flat[src]
+    kept = np.all(np.isfinite(cols[:, :3]), axis=1)
+    pts = cols[kept]
+    bad = ~np.isfinite(pts[:, 3:])
+    n_feat_bad = int(bad.sum())
+    if n_feat_bad:
+        pts[:, 3:][bad] = 0.0
+    scan = Scan(pts, ("x", "y", "z", *extras), frame_id=str(msg.header.frame_id),
+                stamp_ns=header_stamp_ns(msg))
+    stats = CloudStats(n_points=n, n_kept=int(kept.sum()), n_nonfinite=int(n - kept.sum()),
+                       n_feature_nonfinite=n_feat_bad, missing_fields=tuple(missing),
+                       field_sources=sources, organized=int(msg.height) > 1, kept=kept)
+    return scan, stats
+
+
+def scan_to_cloud(scan: Scan, header: Any = None,
+                  msg_factory: MessageFactory | None = None) -> Any:
+    """PointCloud2 with one FLOAT32 field per Scan column (used by the dataset → bag tools)."""
+    factory = msg_factory or default_factory()
+    if header is None:
+        header = make_header(scan.stamp_ns, scan.frame_id, factory)
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, factory) for i, n in enumerate(scan.fields)]
+    return create_cloud(header, fields, scan.points, msg_factory=factory)
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 colours → (N,) float32 whose bits are 0x00RRGGBB (PCL / RViz "rgb")."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 2 or rgb.shape[1] != 3:
+        raise InvalidPointCloudError(f"rgb must be (N, 3), got {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        if rgb.size and (rgb.min() < 0 or rgb.max() > 255 or not np.all(np.isfinite(rgb))):
+            raise InvalidPointCloudError("rgb values must be in [0, 255]")
+        rgb = rgb.astype(np.uint8)
+    c = rgb.astype(np.uint32)
+    return ((c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]).view(np.float32)
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """Inverse of ``pack_rgb``: float32 (or uint32) 0x00RRGGBB → (N, 3) uint8."""
+    p = np.ascontiguousarray(packed)
+    bits = p.view(np.uint32) if p.dtype.itemsize == 4 else p.astype(np.uint32)
+    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=-1).astype(np.uint8)
+
+
+def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                  intensity: np.ndarray | None = None, rgb: np.ndarray | None = None,
+                  msg_factory: MessageFactory | None = None) -> Any:
+    """Output cloud: x, y, z, [intensity], label (UINT16), score (FLOAT32), [rgb].
+
+    Label -1 (a point the segmenter dropped) is written as ``UNLABELED`` (65535). ``rgb`` is
+    (N, 3) uint8 colours (packed here) or already-packed (N,) float32/uint32.
+    """
+    factory = msg_factory or default_factory()
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise InvalidPointCloudError(f"xyz must be (N, 3), got {xyz.shape}")
+    n = xyz.shape[0]
+
+    def column(name: str, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if values.shape != (n,):
+            raise InvalidPointCloudError(f"{name} must have shape ({n},), got {values.shape}")
+        return values
+
+    labels = column("labels", labels)
+    if labels.dtype.kind not in "iu":
+        raise InvalidPointCloudError(f"labels must be integers, got {labels.dtype}")
+    if n and (labels.min() < -1 or labels.max() >= UNLABELED):
+        raise InvalidPointCloudError(
+            f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
+    labels = np.where(labels < 0, UNLABELED, labels).astype(np.uint16)
+    scores = column("scores", scores).astype(np.float32)
+    cols: list[tuple[str, int, np.ndarray]] = [
+        ("x", FLOAT32, xyz[:, 0]), ("y", FLOAT32, xyz[:, 1]), ("z", FLOAT32, xyz[:, 2])]
+    if intensity is not None:
+        cols.append(("intensity", FLOAT32, column("intensity", intensity)))
+    cols += [("label", UINT16, labels), ("score", FLOAT32, scores)]
+    if rgb is not None:
+        rgb = np.asarray(rgb)
+        packed = pack_rgb(rgb) if rgb.ndim == 2 else column("rgb", rgb)
+        if packed.dtype.itemsize != 4:
+            raise InvalidPointCloudError(f"packed rgb must be 32-bit, got {packed.dtype}")
+        cols.append(("rgb", FLOAT32, np.ascontiguousarray(packed).view(np.float32)))
+    fields, offset = [], 0
+    for name, code, _ in cols:
+        size = DATATYPES[code].itemsize
+        offset = -(-offset // size) * size  # natural alignment: floats on 4-byte boundaries
+        fields.append(make_point_field(name, offset, code, 1, factory))
+        offset += size
+    step = -(-offset // 4) * 4
+    dt = dtype_from_fields(fields, step)
+    points = np.empty(n, dtype=dt.newbyteorder("="))
+    for name, _, values in cols:
+        points[name] = values
+    return create_cloud(header, fields, points, point_step=step, msg_factory=factory)

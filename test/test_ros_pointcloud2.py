@@ -1,0 +1,417 @@
+"""PointCloud2 ⇄ numpy: random layouts through real CDR, checked against a struct reader."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clip2scene_core.errors import InvalidPointCloudError
+from clip2scene_ros.msgs import MessageFactory, make_header
+from clip2scene_ros.pointcloud2 import (
+    FLOAT32, UINT16, UNLABELED, cloud_to_scan, create_cloud, dtype_from_fields, fields_from_dtype,
+    labeled_cloud, make_point_field, pack_rgb, read_points, read_points_numpy, scan_to_cloud,
+    unpack_rgb,
+)
+
+FACTORY = MessageFactory.from_rosbags("ROS2_HUMBLE")
+TS = FACTORY.typestore
+PC2 = "sensor_msgs/msg/PointCloud2"
+# PointField datatype → (struct code, numpy dtype): the test's own table, not the module's.
+STRUCT = {1: ("b", np.int8), 2: ("B", np.uint8), 3: ("h", np.int16), 4: ("H", np.uint16),
+          5: ("i", np.int32), 6: ("I", np.uint32), 7: ("f", np.float32), 8: ("d", np.float64)}
+NUSCENES_BIN = ("nuscenes/mmdet3d_demo_scene-0061/"
+                "n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin")
+
+
+def cdr_roundtrip(msg):
+    return TS.deserialize_cdr(TS.serialize_cdr(msg, PC2), PC2)
+
+
+def struct_read(msg) -> dict[str, np.ndarray]:
+    """Independent reader: struct.unpack every element of every point (row-major, flat)."""
+    end = ">" if msg.is_bigendian else "<"
+    raw = bytes(np.asarray(msg.data, dtype=np.uint8))
+    out: dict[str, np.ndarray] = {}
+    for f in msg.fields:
+        code, dtype = STRUCT[f.datatype]
+        size = struct.calcsize(code)
+        for k in range(f.count):
+            name = f"{f.name}_{k}" if f.count > 1 else f.name
+            out[name] = np.array([struct.unpack_from(end + code, raw, r * msg.row_step
+                                                     + c * msg.point_step + f.offset + k * size)[0]
+                                  for r in range(msg.height) for c in range(msg.width)], dtype=dtype)
+    return out
+
+
+# ---- random layouts -------------------------------------------------------------------------
+NAMES = ["x", "y", "z", "intensity", "ring", "t", "rgb", "normal", "label", "reflectivity"]
+
+
+@st.composite
+def layouts(draw):
+    n = draw(st.integers(1, 5))
+    names = draw(st.permutations(NAMES))[:n]
+    specs, offset = [], 0
+    for name in names:
+        datatype = draw(st.integers(1, 8))
+        count = draw(st.integers(1, 3))
+        offset += draw(st.integers(0, 5))          # padding before the field (unaligned too)
+        specs.append((name, offset, datatype, count))
+        offset += struct.calcsize(STRUCT[datatype][0]) * count
+    point_step = offset + draw(st.integers(0, 8))  # padding at the end of each point
+    order = draw(st.permutations(range(n)))        # listed order differs from memory order
+    return dict(specs=[specs[i] for i in order], point_step=point_step,
+                big=draw(st.booleans()), height=draw(st.integers(1, 3)),
+                width=draw(st.integers(0, 6)), row_pad=draw(st.integers(0, 7)),
+                nan_rate=draw(st.sampled_from([0.0, 0.3])), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def random_values(layout) -> dict[str, np.ndarray]:
+    """Per-subfield values (height, width) covering each dtype's full range, NaN/inf in floats."""
+    rng = np.random.default_rng(layout["seed"])
+    shape = (layout["height"], layout["width"])
+    values = {}
+    for name, _, datatype, count in layout["specs"]:
+        dt = np.dtype(STRUCT[datatype][1])
+        for k in range(count):
+            sub = f"{name}_{k}" if count > 1 else name
+            if dt.kind == "f":
+                v = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 6)).astype(dt)
+                v[rng.random(shape) < layout["nan_rate"]] = np.nan
+                v[rng.random(shape) < layout["nan_rate"] / 5] = np.inf
+            else:
+                info = np.iinfo(dt)
+                v = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dt)
+            values[sub] = v
+    return values
+
+
+def fields_of(layout):
+    return [make_point_field(n, o, d, c, FACTORY) for n, o, d, c in layout["specs"]]
+
+
+def struct_write(layout, values) -> object:
+    """Independent writer: struct.pack into a buffer pre-filled with garbage padding bytes."""
+    end = ">" if layout["big"] else "<"
+    h, w, ps = layout["height"], layout["width"], layout["point_step"]
+    row_step = w * ps + layout["row_pad"]
+    buf = bytearray(b"\xab" * (row_step * h))
+    for name, offset, datatype, count in layout["specs"]:
+        code, _ = STRUCT[datatype]
+        for k in range(count):
+            sub = f"{name}_{k}" if count > 1 else name
+            for r in range(h):
+                for c in range(w):
+                    struct.pack_into(end + code, buf, r * row_step + c * ps + offset
+                                     + k * struct.calcsize(code), values[sub][r, c].item())
+    cls = TS.types[PC2]
+    return cls(header=make_header(123, "lidar", FACTORY), height=h, width=w,
+               fields=fields_of(layout), is_bigendian=layout["big"], point_step=ps,
+               row_step=row_step, data=np.frombuffer(bytes(buf), dtype=np.uint8).copy(),
+               is_dense=False)
+
+
+def expected_nan_mask(values) -> np.ndarray:
+    mask = None
+    for v in values.values():
+        ok = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(v.shape, bool)
+        mask = ok if mask is None else mask & ok
+    return mask.reshape(-1)
+
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(layouts())
+def test_read_points_matches_struct_writer(layout):
+    values = random_values(layout)
+    msg = cdr_roundtrip(struct_write(layout, values))
+    pts = read_points(msg)
+    assert pts.shape == (layout["height"] * layout["width"],)
+    assert set(pts.dtype.names) == set(values)
+    for name, v in values.items():
+        assert pts.dtype[name] == v.dtype
+        np.testing.assert_array_equal(pts[name], v.reshape(-1))
+    organised = read_points(msg, reshape_organized_cloud=True)
+    if layout["height"] > 1:
+        assert organised.shape == (layout["height"], layout["width"])
+        for name, v in values.items():
+            np.testing.assert_array_equal(organised[name], v)
+    kept = read_points(msg, skip_nans=True)
+    mask = expected_nan_mask(values)
+    assert kept.shape == (int(mask.sum()),)
+    for name, v in values.items():
+        np.testing.assert_array_equal(kept[name], v.reshape(-1)[mask])
+
+
+@SETTINGS
+@given(layouts())
+def test_create_then_read_roundtrip_and_struct_reader_agree(layout):
+    values = random_values(layout)
+    fields = fields_of(layout)
+    dt = dtype_from_fields(fields).newbyteorder("=")
+    points = np.empty((layout["height"], layout["width"]), dtype=dt)
+    for name, v in values.items():
+        points[name] = v
+    if layout["height"] == 1:
+        points = points[0]
+    msg = cdr_roundtrip(create_cloud(make_header(7, "lidar", FACTORY), fields, points,
+                                     point_step=layout["point_step"], is_bigendian=layout["big"],
+                                     msg_factory=FACTORY))
+    assert (msg.height, msg.width, msg.point_step) == (layout["height"], layout["width"],
+                                                       layout["point_step"])
+    assert msg.row_step == msg.point_step * msg.width
+    assert bool(msg.is_bigendian) == layout["big"]
+    floats = [v for v in values.values() if v.dtype.kind == "f"]
+    assert msg.is_dense == all(np.isfinite(v).all() for v in floats)
+    back = read_points(msg)
+    independent = struct_read(msg)
+    for name, v in values.items():
+        np.testing.assert_array_equal(back[name], v.reshape(-1))
+        np.testing.assert_array_equal(independent[name], v.reshape(-1))
+
+
+def test_dtype_fields_roundtrip_and_count_expansion():
+    fields = [make_point_field("xyz", 0, FLOAT32, 3, FACTORY),
+              make_point_field("ring", 16, UINT16, 1, FACTORY)]
+    dt = dtype_from_fields(fields, point_step=20, is_bigendian=True)
+    assert dt.names == ("xyz_0", "xyz_1", "xyz_2", "ring")
+    assert [dt.fields[n][1] for n in dt.names] == [0, 4, 8, 16]
+    assert dt.itemsize == 20 and dt["ring"] == np.dtype(">u2")
+    back = fields_from_dtype(dt, FACTORY)
+    assert [(f.name, f.offset, f.datatype, f.count) for f in back] == [
+        ("xyz_0", 0, 7, 1), ("xyz_1", 4, 7, 1), ("xyz_2", 8, 7, 1), ("ring", 16, 4, 1)]
+    sub = np.dtype({"names": ["normal", "t"], "formats": [("<f8", (3,)), "<u4"],
+                    "offsets": [0, 24]})
+    assert [(f.name, f.offset, f.datatype, f.count) for f in fields_from_dtype(sub, FACTORY)] == [
+        ("normal", 0, 8, 3), ("t", 24, 6, 1)]
+    with pytest.raises(InvalidPointCloudError, match="cannot represent"):
+        fields_from_dtype(np.dtype([("x", "<i8")]), FACTORY)
+
+
+# ---- real LiDAR ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nuscenes_points(data_dir: Path) -> np.ndarray:
+    pts = np.fromfile(data_dir / NUSCENES_BIN, dtype=np.float32).reshape(-1, 5)
+    assert pts.shape == (34688, 5)
+    return pts
+
+
+def velodyne_fields():
+    """velodyne_pointcloud's PointXYZIR layout: x y z, 4 B pad, intensity, ring (uint16), pad."""
+    return [make_point_field("x", 0, FLOAT32, 1, FACTORY), make_point_field("y", 4, FLOAT32, 1, FACTORY),
+            make_point_field("z", 8, FLOAT32, 1, FACTORY),
+            make_point_field("intensity", 16, FLOAT32, 1, FACTORY),
+            make_point_field("ring", 20, UINT16, 1, FACTORY)]
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_real_nuscenes_scan_roundtrip(nuscenes_points, big):
+    pts = nuscenes_points
+    cols = [pts[:, 0], pts[:, 1], pts[:, 2], pts[:, 3], pts[:, 4].astype(np.uint16)]
+    dt = dtype_from_fields(velodyne_fields(), 32).newbyteorder("=")
+    points = np.zeros(len(pts), dtype=dt)
+    for name, c in zip(dt.names, cols):
+        points[name] = c
+    stamp = 1532402927647951000
+    msg = cdr_roundtrip(create_cloud(make_header(stamp, "LIDAR_TOP", FACTORY), velodyne_fields(),
+                                     points, point_step=32, is_bigendian=big, msg_factory=FACTORY))
+    assert len(msg.data) == 32 * 34688
+    scan, stats = cloud_to_scan(msg, fields=("intensity", "ring"))
+    assert scan.fields == ("x", "y", "z", "intensity", "ring")
+    assert scan.frame_id == "LIDAR_TOP" and scan.stamp_ns == stamp
+    np.testing.assert_array_equal(scan.points, pts)
+    assert (stats.n_points, stats.n_kept, stats.n_nonfinite) == (34688, 34688, 0)
+    assert stats.missing_fields == () and stats.kept.all()
+    xyz = read_points_numpy(msg, ["x", "y", "z"])
+    np.testing.assert_array_equal(xyz, pts[:, :3])
+    with pytest.raises(InvalidPointCloudError, match="different datatypes"):
+        read_points_numpy(msg, ["x", "ring"])
+    np.testing.assert_array_equal(read_points_numpy(msg, ["x", "ring"], dtype=np.float64)[:, 1],
+                                  pts[:, 4])
+    # a few points through the independent reader (it is slow in pure Python)
+    sel = np.array([0, 1, 17, 20000, 34687])
+    sub = read_points(msg, uvs=sel)
+    for i, j in enumerate(sel):
+        x, y, z = struct.unpack_from((">" if big else "<") + "3f", bytes(msg.data[32 * j:32 * j + 12]))
+        assert (sub["x"][i], sub["y"][i], sub["z"][i]) == (x, y, z)
+
+
+def test_real_scan_organised_with_nans(nuscenes_points):
+    """32 x 1084 organised cloud with no-return points (NaN / inf) as a driver publishes them."""
+    pts = nuscenes_points[:, :4].copy()
+    rng = np.random.default_rng(0)
+    nan_rows = rng.choice(len(pts), 500, replace=False)
+    pts[nan_rows[:400], :3] = np.nan
+    pts[nan_rows[400:], 1] = np.inf
+    pts[nan_rows[:50], 3] = np.nan                      # already dropped: no feature count
+    feat_bad = rng.choice(np.setdiff1d(np.arange(len(pts)), nan_rows), 7, replace=False)
+    pts[feat_bad, 3] = np.nan
+    organised = pts.reshape(32, 1084, 4)
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY)
+              for i, n in enumerate(["x", "y", "z", "intensity"])]
+    msg = cdr_roundtrip(create_cloud(make_header(1, "lidar", FACTORY), fields, organised,
+                                     msg_factory=FACTORY))
+    assert (msg.height, msg.width, msg.is_dense) == (32, 1084, False)
+    scan, stats = cloud_to_scan(msg)
+    finite = np.isfinite(pts[:, :3]).all(axis=1)
+    assert stats.organized and stats.n_nonfinite == 500 == int((~finite).sum())
+    np.testing.assert_array_equal(stats.kept, finite)
+    assert stats.n_feature_nonfinite == 7 and len(scan) == len(pts) - 500
+    expected = pts[finite]
+    expected[~np.isfinite(expected[:, 3]), 3] = 0.0
+    np.testing.assert_array_equal(scan.points, expected)
+    grid = read_points(msg, reshape_organized_cloud=True)
+    assert grid.shape == (32, 1084)
+    np.testing.assert_array_equal(grid["intensity"], organised[..., 3])
+    u, v = 1000, 31
+    np.testing.assert_array_equal(read_points(msg, uvs=[(u, v)])["x"], organised[v, u, 0])
+    # sensor_msgs_py semantics: a cloud that claims to be dense is not filtered
+    dense_claim = create_cloud(msg.header, fields, organised, is_dense=True, msg_factory=FACTORY)
+    assert read_points(dense_claim, skip_nans=True).shape == (len(pts),)
+    # skip_nans drops NaN only (as sensor_msgs_py); the inf points stay
+    not_nan = ~np.isnan(pts[:, :3]).any(axis=1)
+    assert read_points(msg, ["x", "y", "z"], skip_nans=True).shape == (int(not_nan.sum()),) == (
+        len(pts) - 400,)
+
+
+def test_duck_typed_rclpy_like_message(nuscenes_points):
+    """rclpy messages hold data as array.array('B') and fields as plain objects: read them too."""
+    import array
+    from types import SimpleNamespace
+    pts = nuscenes_points[:500, :4]
+    fields = [SimpleNamespace(name=n, offset=4 * i, datatype=FLOAT32, count=1)
+              for i, n in enumerate(["x", "y", "z", "intensity"])]
+    stamp = SimpleNamespace(sec=1532402927, nanosec=647951000)
+    msg = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="LIDAR_TOP"), height=1,
+                          width=500, fields=fields, is_bigendian=False, point_step=16,
+                          row_step=16 * 500, data=array.array("B", pts.tobytes()), is_dense=True)
+    scan, stats = cloud_to_scan(msg)
+    np.testing.assert_array_equal(scan.points, pts)
+    assert scan.stamp_ns == 1532402927647951000 and stats.n_kept == 500
+
+
+def test_cloud_to_scan_missing_and_aliased_fields(nuscenes_points):
+    pts = nuscenes_points[:1000]
+    xyz_only = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY) for i, n in enumerate("xyz")]
+    msg = create_cloud(make_header(0, "lidar", FACTORY), xyz_only, pts[:, :3], msg_factory=FACTORY)
+    scan, stats = cloud_to_scan(msg)
+    assert stats.missing_fields == ("intensity",)
+    np.testing.assert_array_equal(scan.column("intensity"), np.zeros(1000, np.float32))
+    kitti = xyz_only + [make_point_field("remission", 12, FLOAT32, 1, FACTORY)]
+    msg = create_cloud(msg.header, kitti, pts[:, :4], msg_factory=FACTORY)
+    scan, stats = cloud_to_scan(msg)
+    assert stats.field_sources == {"intensity": "remission"} and stats.missing_fields == ()
+    np.testing.assert_array_equal(scan.column("intensity"), pts[:, 3])
+    no_z = create_cloud(msg.header, xyz_only[:2], pts[:, :2], msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match=r"no \['z'\]"):
+        cloud_to_scan(no_z)
+
+
+def test_scan_to_cloud_roundtrip(nuscenes_points):
+    from clip2scene_core.types import Scan
+    scan = Scan(nuscenes_points[:, :4], ("x", "y", "z", "intensity"), "LIDAR_TOP", 42)
+    back, _ = cloud_to_scan(cdr_roundtrip(scan_to_cloud(scan, msg_factory=FACTORY)))
+    np.testing.assert_array_equal(back.points, scan.points)
+    assert (back.frame_id, back.stamp_ns) == ("LIDAR_TOP", 42)
+
+
+# ---- labelled output cloud -------------------------------------------------------------------
+@pytest.mark.parametrize("with_intensity", [True, False])
+def test_labeled_cloud_real_scan(nuscenes_points, with_intensity):
+    pts = nuscenes_points
+    rng = np.random.default_rng(1)
+    labels = (pts[:, 4].astype(np.int64) % 17)
+    labels[pts[:, 2] < -1.5] = -1                      # "dropped" points
+    scores = rng.random(len(pts)).astype(np.float32)
+    rgb = rng.integers(0, 256, (len(pts), 3), dtype=np.uint8)
+    msg = cdr_roundtrip(labeled_cloud(make_header(5, "LIDAR_TOP", FACTORY), pts[:, :3], labels,
+                                      scores, pts[:, 3] if with_intensity else None, rgb,
+                                      msg_factory=FACTORY))
+    names = [f.name for f in msg.fields]
+    assert names == ["x", "y", "z"] + (["intensity"] if with_intensity else []) + [
+        "label", "score", "rgb"]
+    types = {f.name: f.datatype for f in msg.fields}
+    assert types["label"] == UINT16 and types["score"] == FLOAT32 and types["rgb"] == FLOAT32
+    assert all(f.offset % 4 == 0 for f in msg.fields if f.datatype == FLOAT32)
+    back = read_points(msg)
+    np.testing.assert_array_equal(back["label"], np.where(labels < 0, UNLABELED, labels))
+    assert (back["label"] == UNLABELED).sum() == (labels == -1).sum() > 0
+    np.testing.assert_array_equal(back["score"], scores)
+    np.testing.assert_array_equal(unpack_rgb(back["rgb"]), rgb)
+    if with_intensity:
+        np.testing.assert_array_equal(back["intensity"], pts[:, 3])
+    # RViz reads the 4 bytes of "rgb" as 0x00RRGGBB (little-endian uint32)
+    rgb_off = {f.name: f.offset for f in msg.fields}["rgb"]
+    raw = bytes(msg.data)
+    for j in (0, 123, len(pts) - 1):
+        (bits,) = struct.unpack_from("<I", raw, j * msg.point_step + rgb_off)
+        r, g, b = (int(c) for c in rgb[j])
+        assert bits == (r << 16) | (g << 8) | b
+
+
+def test_pack_rgb_bits():
+    packed = pack_rgb(np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3]], np.uint8))
+    assert packed.dtype == np.float32
+    assert packed.view(np.uint32).tolist() == [0xFF0000, 0x00FF00, 0x0000FF, 0x010203]
+
+
+def test_labeled_cloud_rejects_bad_inputs(nuscenes_points):
+    xyz = nuscenes_points[:10, :3]
+    h = make_header(0, "l", FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="labels must be in"):
+        labeled_cloud(h, xyz, np.full(10, 70000), np.zeros(10), msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="scores must have shape"):
+        labeled_cloud(h, xyz, np.zeros(10, int), np.zeros(9), msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="integers"):
+        labeled_cloud(h, xyz, np.zeros(10), np.zeros(10), msg_factory=FACTORY)
+
+
+# ---- malformed messages ----------------------------------------------------------------------
+def good_msg():
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY) for i, n in enumerate("xyz")]
+    return create_cloud(make_header(0, "l", FACTORY), fields,
+                        np.arange(24, dtype=np.float32).reshape(2, 4, 3), msg_factory=FACTORY)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda m: setattr(m, "data", m.data[:-1]), "data has 95 bytes"),
+    (lambda m: setattr(m, "data", np.concatenate([m.data, m.data])), "data has 192 bytes"),
+    (lambda m: setattr(m, "point_step", 8), "extend beyond point_step"),
+    (lambda m: setattr(m, "row_step", 40), "row_step 40 < width"),
+    (lambda m: setattr(m.fields[1], "datatype", 9), "unknown datatype 9"),
+    (lambda m: setattr(m.fields[1], "count", 0), "count 0"),
+    (lambda m: setattr(m.fields[1], "name", "x"), "duplicate field name 'x'"),
+])
+def test_malformed_clouds_raise(mutate, match):
+    msg = good_msg()
+    mutate(msg)
+    with pytest.raises(InvalidPointCloudError, match=match):
+        read_points(msg)
+
+
+def test_bad_requests_raise():
+    msg = good_msg()
+    with pytest.raises(InvalidPointCloudError, match=r"\['intensity'\] not in the cloud"):
+        read_points(msg, ["x", "intensity"])
+    with pytest.raises(InvalidPointCloudError, match="uvs"):
+        read_points(msg, uvs=[8])
+    assert read_points(msg, skip_nans=True, reshape_organized_cloud=True).shape == (2, 4)  # dense
+    msg.is_dense = False
+    with pytest.raises(InvalidPointCloudError, match="cannot be combined"):
+        read_points(msg, skip_nans=True, reshape_organized_cloud=True)
+    fields = list(msg.fields)
+    with pytest.raises(InvalidPointCloudError, match="unstructured points"):
+        create_cloud(msg.header, fields, np.zeros((5, 2), np.float32), msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="values span"):
+        create_cloud(msg.header, [make_point_field("ring", 0, UINT16, 1, FACTORY)],
+                     np.array([[70000.0]]), msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="NaN"):
+        create_cloud(msg.header, [make_point_field("ring", 0, UINT16, 1, FACTORY)],
+                     np.array([[np.nan]]), msg_factory=FACTORY)
