@@ -1,0 +1,418 @@
+"""The segmentation pipeline shared by the rclpy node and the replay tool.
+
+`SegmentationPipeline.process` turns one PointCloud2 (+ camera images, CameraInfo and a TF
+lookup) into the labelled PointCloud2 and overlay images, with per-stage timings and the
+reasons any input was left out. It never imports rclpy: messages are duck-typed (rclpy's or
+rosbags' classes) and new ones are built through a `MessageFactory`, so the very code the
+robot runs is what the tests and the replay tool run.
+
+`PipelineRunner` adds what the node does around it: the approximate-time `FrameSync`, the
+size-1 newest-frame slot between callbacks and the inference thread, statistics for
+/diagnostics and throttled warnings. node.py only wires rclpy callbacks to its methods.
+
+Failure policy (a bad input never stops the stream):
+- unreadable cloud / model exception → `status="error"`, no cloud, the next frame runs;
+- empty cloud (or nothing finite) → an empty labelled cloud, `status="empty"`;
+- NaN/inf points → dropped from the output cloud and counted (`dropped_nan`);
+- a camera with an undecodable image, a CameraInfo that does not fit, or no transform →
+  that camera is skipped with a reason; the frame goes on with the others (or LiDAR-only).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Sequence
+
+import numpy as np
+
+from clip2scene_core.errors import CalibrationError, Clip2SceneError, ConfigError, TransformError
+from clip2scene_core.geometry import project_points
+from clip2scene_core.palette import colorize, palette_for
+from clip2scene_core.render import draw_points
+from clip2scene_core.types import Calibration, CameraFrame
+
+from .diagnostics import DiagnosticReport, PipelineStats, WarnThrottle, reason_kind
+from .image import camera_info_to_model, compressed_to_rgb, image_to_rgb, rgb_to_image
+from .msgs import MessageFactory, default_factory, header_stamp_ns
+from .pointcloud2 import cloud_to_scan, labeled_cloud
+from .sync import FrameSync, LatestSlot, SyncConfig, SyncedFrame
+
+#: (target_frame, source_frame, stamp_ns) → 4×4 matrix taking source coordinates to target;
+#: raises clip2scene_core.errors.TransformError when the transform is unavailable.
+TfLookup = Callable[[str, str, int], np.ndarray]
+
+
+@dataclass
+class CameraInput:
+    """One camera's messages for a frame: Image or CompressedImage, and its CameraInfo."""
+
+    name: str
+    image: Any
+    info: Any
+    optical_frame: str = ""   # TF frame of the camera; empty: image header frame_id (then info's)
+
+    @property
+    def stamp_ns(self) -> int:
+        return header_stamp_ns(self.image)
+
+
+@dataclass
+class PipelineConfig:
+    """Run-time options of the pipeline (the node fills them from its parameters)."""
+
+    publish_overlays: bool = True
+    overlay_radius: int = 2
+    min_depth: float = 0.5
+    scan_fields: tuple[str, ...] = ("intensity",)   # extra cloud fields read besides x, y, z
+
+    @classmethod
+    def from_node_config(cls, cfg: Any) -> "PipelineConfig":
+        return cls(publish_overlays=cfg.publish_overlays, overlay_radius=cfg.overlay_radius,
+                   min_depth=cfg.min_depth)
+
+
+@dataclass
+class PipelineOutput:
+    """Everything one frame produced; `cloud` is None when the frame was dropped (error)."""
+
+    stamp_ns: int
+    frame_id: str
+    status: str                                   # "ok" | "empty" | "error"
+    cloud: Any = None                             # labelled sensor_msgs/PointCloud2
+    overlays: dict[str, Any] = field(default_factory=dict)   # camera → sensor_msgs/Image
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: convert/voxelize/infer/publish
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+    points_in: int = 0          # points in the message
+    dropped_nan: int = 0        # non-finite x/y/z: not in the output cloud
+    points_out: int = 0         # points in the output cloud
+    points_labeled: int = 0     # of those, with a label (inside the voxel range)
+    cameras_used: list[str] = field(default_factory=list)
+    cameras_skipped: dict[str, str] = field(default_factory=dict)   # camera → reason
+    fusion_skipped: dict[str, str] = field(default_factory=dict)    # used for overlays only: why
+    class_names: list[str] = field(default_factory=list)
+    labels: np.ndarray | None = None   # (points_out,) int64, -1 = unlabelled
+    scores: np.ndarray | None = None   # (points_out,) float32
+    kept: np.ndarray | None = None     # (points_in,) bool: input points present in the output cloud
+    received_ns: int = 0               # when the sweep reached the node (its clock); 0 = unknown
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "error"
+
+
+def _needed_fields(segmenter: Any, extra: Sequence[str]) -> tuple[str, ...]:
+    """Cloud fields the model's voxel features need, plus `extra` (echoed to the output)."""
+    voxel = getattr(getattr(segmenter, "model_config", None), "voxel", None)
+    wanted = list(extra)
+    for name in getattr(voxel, "features", ()):
+        if name in ("xyz", "ones"):
+            continue
+        wanted.append(name)
+    return tuple(dict.fromkeys(wanted))
+
+
+def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "") -> Any:
+    """`Segmenter` from a checkpoint, with the CLIP teacher when `clip_weights` is given.
+
+    Without a teacher the vocabulary is the checkpoint's and cameras only feed overlays; with
+    one, `class_names` can change at run time and camera pixels are fused into the labels.
+    """
+    from clip2scene_core.segmenter import Segmenter
+
+    segmenter = Segmenter.load(checkpoint, device=device)
+    if clip_weights:
+        from clip2scene_core.clip.teacher import ClipTeacher
+
+        segmenter.teacher = ClipTeacher.from_pretrained(segmenter.clip_model, weights=clip_weights,
+                                                        device=segmenter.device)
+    return segmenter
+
+
+def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory | None = None,
+                   tf_lookup: TfLookup | None = None) -> "SegmentationPipeline":
+    """The pipeline a `NodeConfig` describes (loads the segmenter unless one is given).
+
+    Used by the node and by the replay tool, so both apply the same parameters.
+    """
+    if segmenter is None:
+        segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights)
+    pipeline = SegmentationPipeline(segmenter, PipelineConfig.from_node_config(cfg), msg_factory,
+                                    tf_lookup)
+    if cfg.class_names:
+        pipeline.set_class_names(cfg.class_names)
+    return pipeline
+
+
+class SegmentationPipeline:
+    """Messages in, labelled cloud + overlays out, around one `Segmenter`."""
+
+    def __init__(self, segmenter: Any, config: PipelineConfig | None = None,
+                 msg_factory: MessageFactory | None = None,
+                 tf_lookup: TfLookup | None = None) -> None:
+        self.segmenter = segmenter
+        self.config = config or PipelineConfig()
+        self.factory = msg_factory or default_factory()
+        self.tf_lookup = tf_lookup
+        self._fields = _needed_fields(segmenter, self.config.scan_fields)
+        self._original_vocab = (segmenter.vocabulary, segmenter.text_embeddings) \
+            if hasattr(segmenter, "text_embeddings") else None
+        self._pending_names: list[str] | None = None
+        self._vocab_lock = threading.Lock()
+        self._palette_key: tuple[str, ...] = ()
+        self._palette = np.zeros((0, 3), np.uint8)
+
+    # -- vocabulary ------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.segmenter.class_names)
+
+    def check_class_names(self, names: Sequence[str]) -> str | None:
+        """Why `names` cannot become the vocabulary (None when it can); for parameter callbacks."""
+        names = [str(n).strip() for n in names]
+        if not names:
+            return None  # back to the checkpoint's vocabulary
+        if any(not n for n in names) or len(set(names)) != len(names):
+            return f"class names must be non-empty and unique, got {names}"
+        if getattr(self.segmenter, "teacher", None) is None:
+            return ("no CLIP text encoder is loaded, so new class names cannot be embedded "
+                    "(start the node with clip_weights set)")
+        return None
+
+    def set_class_names(self, names: Sequence[str]) -> None:
+        """Queue a vocabulary change; it takes effect at the start of the next frame.
+
+        An empty list restores the checkpoint's own classes.
+        """
+        reason = self.check_class_names(names)
+        if reason:
+            raise ConfigError(reason)
+        with self._vocab_lock:
+            self._pending_names = [str(n).strip() for n in names]
+
+    def _apply_pending_vocabulary(self) -> str | None:
+        with self._vocab_lock:
+            names, self._pending_names = self._pending_names, None
+        if names is None:
+            return None
+        try:
+            if not names and self._original_vocab is not None:
+                self.segmenter.set_vocabulary(*self._original_vocab)
+            elif names:
+                self.segmenter.set_vocabulary(names)
+        except Exception as exc:  # keep the old vocabulary and say why
+            return f"vocabulary change to {names} failed: {type(exc).__name__}: {exc}"
+        return None
+
+    def palette(self, class_names: Sequence[str]) -> np.ndarray:
+        """(K, 3) uint8 colours of the current classes (cached: it only changes with them)."""
+        key = tuple(class_names)
+        if key != self._palette_key:
+            self._palette_key, self._palette = key, palette_for(key)
+        return self._palette
+
+    # -- cameras ---------------------------------------------------------------------------
+    def camera_frame(self, cam: CameraInput, lidar_frame: str,
+                     tf_lookup: TfLookup | None = None) -> CameraFrame:
+        """Decode, check and calibrate one camera; any problem raises a Clip2SceneError."""
+        img_msg = cam.image
+        if hasattr(img_msg, "format") and not hasattr(img_msg, "encoding"):
+            rgb = compressed_to_rgb(img_msg)
+        else:
+            rgb = image_to_rgb(img_msg)
+        model = camera_info_to_model(cam.info)
+        h, w = rgb.shape[:2]
+        if (w, h) != (model.width, model.height):
+            raise CalibrationError(
+                f"image is {w}x{h} but CameraInfo says {model.width}x{model.height}")
+        frame = cam.optical_frame or str(img_msg.header.frame_id) or str(cam.info.header.frame_id)
+        if not frame:
+            raise CalibrationError("neither the image nor its CameraInfo names a frame_id")
+        lookup = tf_lookup or self.tf_lookup
+        if lookup is None:
+            raise TransformError("no TF lookup given to the pipeline")
+        T = np.asarray(lookup(frame, lidar_frame, cam.stamp_ns), dtype=np.float64)
+        return CameraFrame(cam.name, rgb, Calibration(model, T), cam.stamp_ns)
+
+    # -- one frame -------------------------------------------------------------------------
+    def process(self, cloud_msg: Any, cameras: Sequence[CameraInput] = (),
+                tf_lookup: TfLookup | None = None, skipped: dict[str, str] | None = None,
+                overlay_cameras: Collection[str] | None = None) -> PipelineOutput:
+        """Segment one sweep; never raises for bad data (see the module docstring).
+
+        Overlays are drawn when `config.publish_overlays` is set, for the cameras in
+        `overlay_cameras` (None: every camera used) — the node passes the ones with subscribers.
+        """
+        t0 = time.perf_counter()
+        try:
+            stamp, frame_id = header_stamp_ns(cloud_msg), str(cloud_msg.header.frame_id)
+        except (AttributeError, TypeError) as exc:
+            return PipelineOutput(0, "", "error", error=f"not a PointCloud2 header: {exc}")
+        out = PipelineOutput(stamp, frame_id, "ok", cameras_skipped=dict(skipped or {}))
+        vocab_problem = self._apply_pending_vocabulary()
+        if vocab_problem:
+            out.warnings.append(vocab_problem)
+        try:
+            scan, stats = cloud_to_scan(cloud_msg, self._fields)
+        except Clip2SceneError as exc:
+            out.status, out.error = "error", f"invalid PointCloud2: {exc}"
+            out.timings["convert"] = time.perf_counter() - t0
+            return out
+        out.points_in, out.dropped_nan, out.points_out = stats.n_points, stats.n_nonfinite, len(scan)
+        out.kept = stats.kept
+        if stats.missing_fields:
+            out.warnings.append(f"cloud has no {list(stats.missing_fields)} field: using zeros")
+        frames: list[CameraFrame] = []
+        for cam in cameras:
+            try:
+                frames.append(self.camera_frame(cam, frame_id, tf_lookup))
+            except (Clip2SceneError, LookupError, ValueError) as exc:
+                out.cameras_skipped[cam.name] = f"{type(exc).__name__}: {exc}"
+        out.cameras_used = [f.name for f in frames]
+        out.timings["convert"] = time.perf_counter() - t0
+
+        if len(scan) == 0:
+            labels = np.zeros(0, np.int64)
+            scores = np.zeros(0, np.float32)
+            out.status = "empty"
+            out.class_names = self.class_names
+        else:
+            try:
+                result = self.segmenter.segment(scan, frames)
+            except Exception as exc:  # a model failure drops this frame, not the node
+                out.status, out.error = "error", f"segmentation failed: {type(exc).__name__}: {exc}"
+                return out
+            labels, scores = result.labels, result.scores
+            out.class_names = list(result.class_names)
+            for stage, seconds in result.timings.items():
+                out.timings[stage] = float(seconds)
+            info = result.info or {}
+            out.fusion_skipped = {name: reason for name, reason in info.get("cameras_skipped", [])}
+        t1 = time.perf_counter()
+        out.labels, out.scores = labels, scores
+        out.points_labeled = int(np.count_nonzero(labels >= 0))
+        pal = self.palette(out.class_names)
+        colors = colorize(labels, palette=pal)
+        intensity = scan.column("intensity") if (
+            scan.has("intensity") and "intensity" not in stats.missing_fields) else None
+        out.cloud = labeled_cloud(cloud_msg.header, scan.xyz, labels, scores, intensity=intensity,
+                                  rgb=colors, msg_factory=self.factory)
+        if self.config.publish_overlays:
+            for frame in frames:
+                if overlay_cameras is None or frame.name in overlay_cameras:
+                    out.overlays[frame.name] = self._overlay(frame, scan.xyz, colors, cameras)
+        out.timings["publish"] = time.perf_counter() - t1
+        return out
+
+    def process_frame(self, frame: SyncedFrame, tf_lookup: TfLookup | None = None,
+                      overlay_cameras: Collection[str] | None = None) -> PipelineOutput:
+        """`process` for a `SyncedFrame` whose lidar is a PointCloud2 and cameras `CameraInput`s."""
+        out = self.process(frame.lidar, list(frame.cameras.values()), tf_lookup, frame.skipped,
+                           overlay_cameras)
+        out.received_ns = frame.received_ns
+        return out
+
+    def _overlay(self, frame: CameraFrame, xyz: np.ndarray, colors: np.ndarray,
+                 cameras: Sequence[CameraInput]) -> Any:
+        """The camera image with every point that projects into it drawn in its label colour."""
+        proj = project_points(xyz, frame.calibration, min_depth=self.config.min_depth)
+        idx = np.flatnonzero(proj.valid)
+        idx = idx[np.argsort(-proj.depth[idx], kind="stable")]   # near points drawn last
+        canvas = draw_points(frame.image, proj.uv[idx], colors[idx], radius=self.config.overlay_radius)
+        src = next(c for c in cameras if c.name == frame.name)
+        return rgb_to_image(canvas, src.image.header, factory=self.factory)
+
+
+class PipelineRunner:
+    """The node's logic without rclpy: callbacks → sync → newest-frame slot → pipeline.
+
+    The node calls `on_cloud` / `on_camera` from subscription callbacks, `on_timer`
+    periodically (releases sweeps whose cameras went quiet), and runs `step` in a loop on
+    its inference thread, publishing what it returns. `clock` gives "now" in nanoseconds
+    (the node's ROS clock, so simulated time works).
+    """
+
+    def __init__(self, pipeline: SegmentationPipeline, camera_names: Sequence[str] = (),
+                 sync_config: SyncConfig | None = None, tf_lookup: TfLookup | None = None,
+                 clock: Callable[[], int] | None = None,
+                 warn: Callable[[str], None] | None = None, warn_throttle_s: float = 5.0,
+                 device: str = "",
+                 overlay_cameras: Callable[[], Collection[str] | None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.sync = FrameSync(camera_names, sync_config or SyncConfig())
+        self.slot: LatestSlot[SyncedFrame] = LatestSlot()
+        self.tf_lookup = tf_lookup
+        self.clock = clock or time.time_ns
+        self.warn = warn
+        self.throttle = WarnThrottle(warn_throttle_s)
+        self.stats = PipelineStats(device=device)
+        self.overlay_cameras = overlay_cameras   # asked per frame: which overlays anyone wants
+        self._lock = threading.Lock()
+
+    # -- callbacks (any thread) ------------------------------------------------------------
+    def on_cloud(self, msg: Any) -> None:
+        now = self.clock()
+        with self._lock:
+            self.stats.on_input(now)
+            try:
+                stamp = header_stamp_ns(msg)
+            except (AttributeError, TypeError):
+                stamp = now
+            self._offer(self.sync.add_lidar(msg, stamp, now))
+
+    def on_camera(self, name: str, image: Any, info: Any, optical_frame: str = "") -> None:
+        now = self.clock()
+        cam = CameraInput(name, image, info, optical_frame)
+        with self._lock:
+            try:
+                stamp = cam.stamp_ns
+            except (AttributeError, TypeError):
+                stamp = now
+            self._offer(self.sync.add_camera(name, cam, stamp, now))
+
+    def on_timer(self) -> None:
+        with self._lock:
+            self._offer(self.sync.poll(self.clock()))
+
+    def _offer(self, frames: list[SyncedFrame]) -> None:
+        for frame in frames:
+            if self.slot.put(frame):
+                self.stats.dropped_busy += 1
+                self._warn("busy", "inference is slower than the input: dropped the older frame")
+
+    # -- inference thread ------------------------------------------------------------------
+    def step(self, timeout: float | None = 0.1) -> PipelineOutput | None:
+        """Process the newest waiting frame (None if none came within `timeout` seconds)."""
+        frame = self.slot.take(timeout)
+        if frame is None:
+            return None
+        try:
+            wanted = self.overlay_cameras() if self.overlay_cameras is not None else None
+            out = self.pipeline.process_frame(frame, self.tf_lookup, wanted)
+        except Exception as exc:  # a bug must not kill the inference thread: report it
+            out = PipelineOutput(frame.stamp_ns, "", "error", received_ns=frame.received_ns,
+                                 error=f"internal error: {type(exc).__name__}: {exc}")
+        now = self.clock()
+        with self._lock:
+            self.stats.on_output(out, now)
+        if out.status == "error":
+            self._warn(("error", reason_kind(out.error)), out.error)
+        for name, reason in out.cameras_skipped.items():
+            self._warn(("camera", name, reason_kind(reason)), f"camera '{name}' skipped: {reason}")
+        for text in out.warnings:
+            self._warn(("warning", text), text)
+        return out
+
+    def close(self) -> None:
+        self.slot.close()
+
+    # -- reporting -------------------------------------------------------------------------
+    def diagnostics(self) -> DiagnosticReport:
+        with self._lock:
+            self.stats.dropped_sync = self.sync.counters.lidar_overflow
+            return self.stats.report(self.clock())
+
+    def _warn(self, key: Any, text: str) -> None:
+        if self.warn is not None and self.throttle.should_log(key, self.clock()):
+            self.warn(text)

@@ -1,0 +1,324 @@
+"""SegmentationPipeline on a real nuScenes key frame (scene-0061: LIDAR_TOP + CAM_FRONT JPEG +
+calibration from the mmdet3d info .pkl), with a tiny random-initialised checkpoint written
+and loaded through the real checkpoint / Segmenter API. Messages are rosbags classes.
+
+The helpers at the top (`nuscenes_frame`, `tiny_checkpoint`, ...) are shared with
+test_node_logic.py and test_node_rclpy.py.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip2scene_core.checkpoint import Checkpoint, save_checkpoint
+from clip2scene_core.clip.vocabulary import Vocabulary
+from clip2scene_core.errors import ConfigError
+from clip2scene_core.models import ModelConfig, build_model
+from clip2scene_core.palette import palette_for
+from clip2scene_core.segmenter import Segmenter
+from clip2scene_core.types import CameraModel
+from clip2scene_core.voxelize import VoxelConfig
+from clip2scene_ros.image import model_to_camera_info, rgb_to_image
+from clip2scene_ros.msgs import MessageFactory, make_header
+from clip2scene_ros.pipeline import CameraInput, PipelineConfig, SegmentationPipeline
+from clip2scene_ros.pointcloud2 import FLOAT32, UNLABELED, create_cloud, make_point_field, read_points, unpack_rgb
+from clip2scene_ros.sync import SKIP_TIMEOUT, FrameSync, SyncConfig
+from clip2scene_ros.tf import TransformBuffer, matrix_to_transform
+
+NUSC = "nuscenes/mmdet3d_demo_scene-0061"
+LIDAR_STAMP = 1532402927647951000       # from the file names (µs → ns)
+FRONT_STAMP = 1532402927612460000
+EMBED_DIM = 24
+TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+TINY_CLIP = {"embed_dim": EMBED_DIM, "text_cfg": TEXT_CFG,
+             "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+@dataclass
+class NuscenesFrame:
+    points: np.ndarray        # (N, 5) x y z intensity ring, LIDAR_TOP frame
+    rgb: np.ndarray           # CAM_FRONT (900, 1600, 3)
+    jpeg: np.ndarray          # the JPEG file bytes
+    K: np.ndarray             # CAM_FRONT intrinsics
+    lidar2cam: np.ndarray     # 4x4, LIDAR_TOP → CAM_FRONT optical frame
+
+
+def load_nuscenes(data_dir: Path) -> NuscenesFrame:
+    d = data_dir / NUSC
+    points = np.fromfile(next(d.glob("*__LIDAR_TOP__*.pcd.bin")), np.float32).reshape(-1, 5)
+    info = pickle.loads(next(d.glob("*.pkl")).read_bytes())["data_list"][0]["images"]["CAM_FRONT"]
+    jpeg_path = next(d.glob("*__CAM_FRONT__*.jpg"))
+    rgb = cv2.cvtColor(cv2.imread(str(jpeg_path)), cv2.COLOR_BGR2RGB)
+    return NuscenesFrame(points, rgb, np.fromfile(jpeg_path, np.uint8), np.asarray(info["cam2img"]),
+                         np.asarray(info["lidar2cam"]))
+
+
+def make_cloud(points: np.ndarray, factory: MessageFactory, stamp_ns: int = LIDAR_STAMP,
+               frame: str = "LIDAR_TOP", names=("x", "y", "z", "intensity", "ring")) -> Any:
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, factory) for i, n in enumerate(names)]
+    return create_cloud(make_header(stamp_ns, frame, factory), fields,
+                        np.ascontiguousarray(points[:, :len(names)], dtype=np.float32), msg_factory=factory)
+
+
+def make_camera(frame: NuscenesFrame, factory: MessageFactory, name: str = "front", *,
+                stamp_ns: int = FRONT_STAMP, optical_frame: str = "CAM_FRONT", compressed: bool = True,
+                info_size: tuple[int, int] = (1600, 900), K: np.ndarray | None = None) -> CameraInput:
+    header = make_header(stamp_ns, optical_frame, factory)
+    if compressed:
+        image = factory.new("CompressedImage", header=header, format="jpeg",
+                            data=factory.uint8_data(frame.jpeg))
+    else:
+        image = rgb_to_image(frame.rgb, header, factory=factory, encoding="bgr8")
+    model = CameraModel(info_size[0], info_size[1], frame.K)
+    info = model_to_camera_info(model, make_header(stamp_ns, optical_frame, factory), factory)
+    if K is not None:
+        info.k = factory.float64_array(K)
+    return CameraInput(name, image, info)
+
+
+def make_tf(frame: NuscenesFrame, factory: MessageFactory) -> TransformBuffer:
+    """Static CAM_FRONT ← LIDAR_TOP transform, as a robot's /tf_static would publish it."""
+    buf = TransformBuffer()
+    buf.add(matrix_to_transform(frame.lidar2cam, factory, "CAM_FRONT", "LIDAR_TOP", LIDAR_STAMP),
+            static=True)
+    return buf
+
+
+def tiny_checkpoint(path: Path, seed: int = 0, vocabulary: str = "nuscenes16") -> Path:
+    """A random-initialised MinkUNet14A at 1/8 width, 1 m voxels, saved as a real checkpoint."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone="minkunet14a", in_channels=1, embed_dim=EMBED_DIM,
+                      width_multiplier=0.125, voxel=VoxelConfig(voxel_size=1.0))
+    vocab = Vocabulary.preset(vocabulary)
+    emb = F.normalize(torch.randn(len(vocab.class_names), EMBED_DIM), dim=1)
+    save_checkpoint(path, Checkpoint(cfg, build_model(cfg).state_dict(), vocab, emb, "tiny-test", {}))
+    return path
+
+
+def tiny_teacher():
+    from clip2scene_core.clip import ClipTeacher
+
+    return ClipTeacher.from_config(TINY_CLIP, device="cpu", seed=0)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def factory() -> MessageFactory:
+    return MessageFactory.from_rosbags()
+
+
+@pytest.fixture(scope="module")
+def nusc(data_dir) -> NuscenesFrame:
+    return load_nuscenes(data_dir)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint, factory, nusc) -> SegmentationPipeline:
+    torch.set_num_threads(1)
+    seg = Segmenter.load(checkpoint, device="cpu")
+    return SegmentationPipeline(seg, PipelineConfig(overlay_radius=0), factory, make_tf(nusc, factory).lookup)
+
+
+@pytest.fixture(scope="module")
+def full_output(pipeline, nusc, factory):
+    """The whole 34688-point sweep with the front camera (JPEG)."""
+    return pipeline.process(make_cloud(nusc.points, factory), [make_camera(nusc, factory)])
+
+
+def subsample(points: np.ndarray) -> np.ndarray:
+    return points[::8].copy()
+
+
+# ----------------------------------------------------------------------------- tests
+def test_labelled_cloud_of_a_real_sweep(full_output, nusc):
+    out = full_output
+    assert out.status == "ok" and out.error == ""
+    assert out.stamp_ns == LIDAR_STAMP and out.frame_id == "LIDAR_TOP"
+    assert out.cloud.header.frame_id == "LIDAR_TOP"
+    assert out.cloud.header.stamp.sec * 10**9 + out.cloud.header.stamp.nanosec == LIDAR_STAMP
+    pts = read_points(out.cloud)
+    assert list(pts.dtype.names) == ["x", "y", "z", "intensity", "label", "score", "rgb"]
+    assert pts.dtype["label"] == np.uint16 and pts.dtype["score"] == np.float32
+    n = len(nusc.points)
+    assert n == 34688 and len(pts) == n == out.points_in == out.points_out
+    assert out.dropped_nan == 0 and out.points_labeled == n    # no point_range: every point labelled
+    np.testing.assert_array_equal(np.stack([pts["x"], pts["y"], pts["z"], pts["intensity"]], 1),
+                                  nusc.points[:, :4])
+    names = out.class_names
+    assert names == Vocabulary.preset("nuscenes16").class_names
+    assert pts["label"].max() < len(names)
+    np.testing.assert_array_equal(pts["label"], out.labels)
+    assert np.all((pts["score"] > 1.0 / len(names) - 1e-6) & (pts["score"] <= 1.0 + 1e-6))
+    np.testing.assert_array_equal(unpack_rgb(pts["rgb"]), palette_for(names)[pts["label"]])
+    assert {"convert", "voxelize", "infer", "publish"} <= set(out.timings)
+    assert all(v >= 0 for v in out.timings.values())
+    assert out.cameras_used == ["front"] and out.cameras_skipped == {}
+    # no CLIP teacher loaded: the camera only feeds the overlay, and the output says so
+    assert "front" in out.fusion_skipped
+
+
+def test_overlay_paints_each_projected_point_in_its_label_colour(full_output, nusc):
+    overlay = full_output.overlays["front"]
+    assert (overlay.width, overlay.height, overlay.encoding) == (1600, 900, "rgb8")
+    img = np.asarray(overlay.data, dtype=np.uint8).reshape(900, 1600, 3)
+    # project independently: p_cam = lidar2cam · p, pixel = K · p_cam / z
+    xyz1 = np.c_[nusc.points[:, :3].astype(np.float64), np.ones(len(nusc.points))]
+    cam = (nusc.lidar2cam @ xyz1.T).T[:, :3]
+    z = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (nusc.K @ cam.T).T[:, :2] / z[:, None]
+    inside = (z >= 0.5) & (uv[:, 0] >= 0) & (uv[:, 0] < 1600) & (uv[:, 1] >= 0) & (uv[:, 1] < 900)
+    # the dataset README's check: 3067 points in CAM_FRONT with depth > 1 m
+    assert int(np.count_nonzero(inside & (z > 1.0))) == 3067
+    rounded = np.full(uv.shape, -1)
+    rounded[inside] = np.round(uv[inside]).astype(int)
+    inside &= (rounded[:, 0] < 1600) & (rounded[:, 1] < 900)   # a pixel centre inside the image
+    px = rounded[inside]
+    colors = palette_for(full_output.class_names)[full_output.labels[inside]]
+    keys = px[:, 1] * 1600 + px[:, 0]
+    uniq, counts = np.unique(keys, return_counts=True)
+    alone = np.isin(keys, uniq[counts == 1])
+    assert alone.sum() > 2000
+    np.testing.assert_array_equal(img[px[alone, 1], px[alone, 0]], colors[alone])
+    # everywhere else the camera image is untouched
+    untouched = np.ones((900, 1600), bool)
+    untouched[px[:, 1], px[:, 0]] = False
+    np.testing.assert_array_equal(img[untouched], nusc.rgb[untouched])
+
+
+def test_overlays_only_for_the_cameras_asked_for(pipeline, nusc, factory):
+    cams = [make_camera(nusc, factory, "front"), make_camera(nusc, factory, "front_copy")]
+    out = pipeline.process(make_cloud(subsample(nusc.points), factory), cams,
+                           overlay_cameras={"front_copy"})
+    assert out.cameras_used == ["front", "front_copy"] and set(out.overlays) == {"front_copy"}
+
+
+def test_nan_points_are_dropped_and_counted(pipeline, nusc, factory):
+    pts = subsample(nusc.points)
+    bad = np.zeros(len(pts), bool)
+    bad[::37] = True
+    pts[bad[:], 0] = np.nan
+    pts[5, 2] = np.inf
+    bad[5] = True
+    out = pipeline.process(make_cloud(pts, factory))
+    assert out.status == "ok"
+    assert out.dropped_nan == bad.sum() and out.points_in == len(pts)
+    got = read_points(out.cloud)
+    assert len(got) == out.points_out == len(pts) - bad.sum()
+    np.testing.assert_array_equal(out.kept, ~bad)
+    np.testing.assert_array_equal(np.stack([got["x"], got["y"], got["z"]], 1), pts[~bad, :3])
+
+
+def test_empty_cloud_gives_empty_labelled_cloud(pipeline, nusc, factory):
+    out = pipeline.process(make_cloud(nusc.points[:0], factory), [make_camera(nusc, factory)])
+    assert out.status == "empty" and out.error == ""
+    assert out.cloud.width * out.cloud.height == 0
+    assert [f.name for f in out.cloud.fields] == ["x", "y", "z", "intensity", "label", "score", "rgb"]
+    assert out.points_labeled == 0 and out.cloud.header.frame_id == "LIDAR_TOP"
+
+
+def test_all_nan_cloud_is_empty_not_an_error(pipeline, nusc, factory):
+    pts = subsample(nusc.points)[:50]
+    pts[:, 1] = np.nan
+    out = pipeline.process(make_cloud(pts, factory))
+    assert out.status == "empty" and out.dropped_nan == 50 and out.points_out == 0
+
+
+def test_bad_cameras_are_skipped_with_reasons(pipeline, nusc, factory):
+    good = make_camera(nusc, factory, "front", compressed=False)
+    unknown_encoding = make_camera(nusc, factory, "bad_encoding", compressed=False)
+    unknown_encoding.image.encoding = "yuv420_weird"
+    wrong_size = make_camera(nusc, factory, "wrong_size", info_size=(800, 450))
+    zero_k = make_camera(nusc, factory, "zero_k", K=np.zeros(9))
+    no_tf = make_camera(nusc, factory, "no_tf", optical_frame="CAM_NOT_IN_TF")
+    broken_jpeg = make_camera(nusc, factory, "broken_jpeg")
+    broken_jpeg.image.data = factory.uint8_data(nusc.jpeg[:200])
+    cams = [unknown_encoding, good, wrong_size, zero_k, no_tf, broken_jpeg]
+    out = pipeline.process(make_cloud(subsample(nusc.points), factory), cams)
+    assert out.status == "ok"
+    assert out.cameras_used == ["front"] and set(out.overlays) == {"front"}
+    reasons = out.cameras_skipped
+    assert set(reasons) == {"bad_encoding", "wrong_size", "zero_k", "no_tf", "broken_jpeg"}
+    assert "ImageDecodeError" in reasons["bad_encoding"] and "yuv420_weird" in reasons["bad_encoding"]
+    assert "CalibrationError" in reasons["wrong_size"]
+    assert "1600x900" in reasons["wrong_size"] and "800x450" in reasons["wrong_size"]
+    assert "CalibrationError" in reasons["zero_k"]
+    assert "TransformError" in reasons["no_tf"] and "CAM_NOT_IN_TF" in reasons["no_tf"]
+    assert "ImageDecodeError" in reasons["broken_jpeg"]
+
+
+def test_model_failure_drops_the_frame_and_the_next_one_runs(pipeline, nusc, factory):
+    pts = subsample(nusc.points)
+    pts[0, :3] = [1e7, 0, 0]   # beyond the voxel grid: the segmenter raises
+    out = pipeline.process(make_cloud(pts, factory))
+    assert out.status == "error" and out.cloud is None and not out.ok
+    assert "segmentation failed" in out.error and "voxel" in out.error
+    again = pipeline.process(make_cloud(subsample(nusc.points), factory))
+    assert again.status == "ok" and again.points_labeled == len(subsample(nusc.points))
+
+
+def test_malformed_cloud_is_an_error_output(pipeline, nusc, factory):
+    cloud = make_cloud(subsample(nusc.points), factory)
+    cloud.data = cloud.data[:-7]
+    out = pipeline.process(cloud)
+    assert out.status == "error" and out.cloud is None and "invalid PointCloud2" in out.error
+
+
+def test_cloud_without_intensity(pipeline, nusc, factory):
+    out = pipeline.process(make_cloud(subsample(nusc.points), factory, names=("x", "y", "z")))
+    assert out.status == "ok"
+    assert [f.name for f in out.cloud.fields] == ["x", "y", "z", "label", "score", "rgb"]
+    assert any("intensity" in w for w in out.warnings)
+
+
+def test_sync_skip_reasons_reach_the_output(pipeline, nusc, factory):
+    sync = FrameSync(("front", "rear"), SyncConfig(slop=0.05, camera_timeout=0.2))
+    sync.add_camera("front", make_camera(nusc, factory), FRONT_STAMP)
+    sync.add_camera("rear", make_camera(nusc, factory, "rear"), FRONT_STAMP - 10**9)   # stale
+    frames = sync.add_lidar(make_cloud(subsample(nusc.points), factory), LIDAR_STAMP)
+    frames += sync.poll(LIDAR_STAMP + 3 * 10**8)
+    assert len(frames) == 1
+    out = pipeline.process_frame(frames[0])
+    assert out.cameras_used == ["front"]
+    assert out.cameras_skipped == {"rear": SKIP_TIMEOUT}
+
+
+def test_class_names_need_a_text_encoder(pipeline):
+    assert pipeline.check_class_names(["car", "road"]) is not None
+    with pytest.raises(ConfigError):
+        pipeline.set_class_names(["car", "road"])
+    assert pipeline.check_class_names([]) is None
+
+
+def test_class_names_change_on_the_next_frame_with_camera_fusion(checkpoint, nusc, factory):
+    seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
+    pipe = SegmentationPipeline(seg, PipelineConfig(), factory, make_tf(nusc, factory).lookup)
+    assert pipe.check_class_names(["car", "car"]) is not None      # duplicates
+    assert pipe.check_class_names(["car", " "]) is not None        # blank
+    pipe.set_class_names(["car", "road", "building"])
+    assert len(pipe.class_names) == 16          # not before the next frame
+    pts = subsample(nusc.points)
+    out = pipe.process(make_cloud(pts, factory), [make_camera(nusc, factory)])
+    assert out.status == "ok" and out.class_names == ["car", "road", "building"]
+    assert out.labels.max() < 3 and out.fusion_skipped == {} and "cameras" in out.timings
+    got = read_points(out.cloud)
+    np.testing.assert_array_equal(unpack_rgb(got["rgb"]),
+                                  palette_for(["car", "road", "building"])[got["label"]])
+    pipe.set_class_names([])                     # back to the checkpoint's vocabulary
+    back = pipe.process(make_cloud(pts, factory))
+    assert back.class_names == Vocabulary.preset("nuscenes16").class_names
+    assert set(np.unique(read_points(back.cloud)["label"])) <= set(range(16)) | {UNLABELED}
