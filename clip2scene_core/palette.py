@@ -1,0 +1,179 @@
+"""Per-class colours for renders and the PointCloud2 ``rgb`` field.
+
+Known benchmark classes keep the colours people recognise from the nuScenes devkit and the
+SemanticKITTI ``semantic-kitti.yaml`` (converted from its BGR to RGB), so a render can be
+compared with published figures at a glance. Names outside those presets (open-vocabulary
+prompts) get generated colours: golden-ratio hue steps, each kept away from the colours
+already handed out, and a pure function of the class list, so the same vocabulary always
+renders the same way.
+"""
+from __future__ import annotations
+
+import colorsys
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+#: colour of points without a label (-1: dropped / outside the voxel range / ignored)
+UNLABELED_COLOR: tuple[int, int, int] = (128, 128, 128)
+
+#: nuScenes-lidarseg 16 evaluation classes (devkit colormap)
+NUSCENES16_COLORS: dict[str, tuple[int, int, int]] = {
+    "barrier": (112, 128, 144),
+    "bicycle": (220, 20, 60),
+    "bus": (255, 127, 80),
+    "car": (255, 158, 0),
+    "construction_vehicle": (233, 150, 70),
+    "motorcycle": (255, 61, 99),
+    "pedestrian": (0, 0, 230),
+    "traffic_cone": (47, 79, 79),
+    "trailer": (255, 140, 0),
+    "truck": (255, 99, 71),
+    "driveable_surface": (0, 207, 191),
+    "other_flat": (175, 0, 75),
+    "sidewalk": (75, 0, 75),
+    "terrain": (112, 180, 60),
+    "manmade": (222, 184, 135),
+    "vegetation": (0, 175, 0),
+}
+
+#: SemanticKITTI 19 evaluation classes (semantic-kitti.yaml color_map, BGR → RGB)
+SEMANTICKITTI19_COLORS: dict[str, tuple[int, int, int]] = {
+    "car": (100, 150, 245),
+    "bicycle": (100, 230, 245),
+    "motorcycle": (30, 60, 150),
+    "truck": (80, 30, 180),
+    "other_vehicle": (0, 0, 255),
+    "person": (255, 30, 30),
+    "bicyclist": (255, 40, 200),
+    "motorcyclist": (150, 30, 90),
+    "road": (255, 0, 255),
+    "parking": (255, 150, 255),
+    "sidewalk": (75, 0, 75),
+    "other_ground": (175, 0, 75),
+    "building": (255, 200, 0),
+    "fence": (255, 120, 50),
+    "vegetation": (0, 175, 0),
+    "trunk": (135, 60, 0),
+    "terrain": (150, 240, 80),
+    "pole": (255, 240, 150),
+    "traffic_sign": (255, 0, 0),
+}
+
+#: aliases seen in other spellings of the same classes
+_ALIASES = {
+    "drivable_surface": "driveable_surface",
+    "flat_driveable_surface": "driveable_surface",
+    "static_manmade": "manmade",
+    "static_vegetation": "vegetation",
+    "traffic_cone": "traffic_cone",
+    "trafficcone": "traffic_cone",
+    "other_vehicle": "other_vehicle",
+    "othervehicle": "other_vehicle",
+    "trafficsign": "traffic_sign",
+    "otherground": "other_ground",
+}
+
+
+def normalize_name(name: str) -> str:
+    """Lower-case, with runs of spaces, dashes and dots turned into one underscore."""
+    key = re.sub(r"[\s\-.]+", "_", name.strip().lower())
+    return _ALIASES.get(key, key)
+
+
+def _preset_color(name: str, class_names: Sequence[str]) -> tuple[int, int, int] | None:
+    """Conventional colour of ``name``; a SemanticKITTI-looking vocabulary wins shared names."""
+    key = normalize_name(name)
+    keys = {normalize_name(n) for n in class_names}
+    kitti_like = len(keys & SEMANTICKITTI19_COLORS.keys()) > len(keys & NUSCENES16_COLORS.keys())
+    tables = (SEMANTICKITTI19_COLORS, NUSCENES16_COLORS) if kitti_like else (
+        NUSCENES16_COLORS, SEMANTICKITTI19_COLORS)
+    for table in tables:
+        if key in table:
+            return table[key]
+    return None
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.linalg.norm(b.astype(np.float64) - a.astype(np.float64), axis=1)))
+
+
+def generate_colors(count: int, avoid: np.ndarray | None = None, min_distance: float = 60.0
+                    ) -> np.ndarray:
+    """``count`` distinct RGB colours (uint8): golden-ratio hues over a few saturation/value rings.
+
+    Candidates closer than ``min_distance`` (RGB euclidean) to a colour already used (or in
+    ``avoid``) are skipped while that is possible, so neighbouring classes stay distinguishable.
+    """
+    used = [] if avoid is None else [np.asarray(c, dtype=np.uint8) for c in np.asarray(avoid).reshape(-1, 3)]
+    used.append(np.array(UNLABELED_COLOR, dtype=np.uint8))
+    out: list[np.ndarray] = []
+    rings = [(0.85, 0.95), (0.55, 0.85), (0.95, 0.65), (0.4, 0.6)]
+    i = 0
+    threshold = min_distance
+    while len(out) < count:
+        hue = (0.13 + i * 0.618033988749895) % 1.0
+        sat, val = rings[(i // 7) % len(rings)]
+        cand = np.array([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)], dtype=np.uint8)
+        i += 1
+        if _distance(cand, np.stack(used)) >= threshold:
+            out.append(cand)
+            used.append(cand)
+        if i % 200 == 0:  # crowded palette: relax the distance rather than loop forever
+            threshold *= 0.7
+    return np.stack(out) if out else np.zeros((0, 3), dtype=np.uint8)
+
+
+def palette_for(class_names: Sequence[str]) -> np.ndarray:
+    """(K, 3) uint8 colours for ``class_names``: preset colours where known, generated otherwise."""
+    names = list(class_names)
+    colors = np.zeros((len(names), 3), dtype=np.uint8)
+    unknown: list[int] = []
+    for i, name in enumerate(names):
+        c = _preset_color(name, names)
+        if c is None:
+            unknown.append(i)
+        else:
+            colors[i] = c
+    if unknown:
+        known = np.array([colors[i] for i in range(len(names)) if i not in unknown], dtype=np.uint8)
+        colors[unknown] = generate_colors(len(unknown), avoid=known if len(known) else None)
+    return colors
+
+
+def colorize(labels: np.ndarray, class_names: Sequence[str] | None = None,
+             palette: np.ndarray | None = None,
+             unlabeled: tuple[int, int, int] = UNLABELED_COLOR) -> np.ndarray:
+    """(N,) integer labels → (N, 3) uint8 RGB; labels < 0 or ≥ K get ``unlabeled``.
+
+    The palette is ``palette`` if given, else ``palette_for(class_names)``, else generated
+    for ``max(labels) + 1`` classes.
+    """
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if palette is None:
+        if class_names is not None:
+            palette = palette_for(class_names)
+        else:
+            k = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+            palette = generate_colors(k)
+    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    out = np.empty((labels.size, 3), dtype=np.uint8)
+    out[:] = unlabeled
+    ok = (labels >= 0) & (labels < len(palette))
+    out[ok] = palette[labels[ok]]
+    return out
+
+
+def pack_rgb(colors: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 → (N,) float32 whose bits are 0x00RRGGBB (PCL / RViz ``rgb`` field)."""
+    c = np.asarray(colors, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
+    packed = (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]
+    return packed.view(np.float32)
+
+
+def unpack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_rgb`: float32 (or uint32) bit patterns → (N, 3) uint8."""
+    arr = np.ascontiguousarray(np.asarray(rgb).reshape(-1))
+    bits = arr.view(np.uint32) if arr.dtype in (np.float32, np.uint32, np.int32) else arr.astype(np.uint32)
+    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=1).astype(np.uint8)

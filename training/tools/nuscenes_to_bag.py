@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""nuScenes → rosbag2 (mcap by default), for replay and ``ros2 bag play`` into RViz.
+
+Two input layouts, both through ``clip2scene_core.datasets``:
+  devkit JSON   --root DATAROOT [--version-dir v1.0-mini]     (NuScenesReader)
+  mmdet3d info  --info infos.pkl --root DATAROOT              (NuScenesInfoReader)
+
+Per key frame: LIDAR_TOP (+ ``--sweeps`` earlier sweeps when their files exist) as
+PointCloud2 (x, y, z, intensity, ring), the cameras as CompressedImage (JPEG; ``--raw-images``
+for rgb8 Image) + CameraInfo, /tf map → base_link at every sensor stamp (ego_pose),
+/tf_static base_link → lidar_top / cam_* (calibrated_sensor) and cam_* → cam_*_optical_frame,
+lidarseg ground truth on /clip2scene/labels when the dataset has it. Stamps are the
+dataset's sensor timestamps, so camera and LiDAR keep their real (up to ~40 ms) offsets.
+
+Example (the 3 real key frames in test/data, a few seconds, ~4 MB):
+  python training/tools/nuscenes_to_bag.py \\
+      --root test/data/nuscenes/dororo99_v1.0-extract_3samples \\
+      --version-dir v1.0-extract-subset --out out/nuscenes_3samples
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from training.tools import SampleBagWriter  # noqa: E402
+
+from clip2scene_core.datasets import (NUSCENES_CAMERAS, NuScenesInfoReader,  # noqa: E402
+                                      NuScenesReader)
+from clip2scene_core.datasets.base import load_pickle  # noqa: E402
+from clip2scene_core.datasets.sample import Sample  # noqa: E402
+from clip2scene_core.errors import Clip2SceneError  # noqa: E402
+from clip2scene_core.geometry.transforms import (invert_transform,  # noqa: E402
+                                                 transform_from_quat_wxyz)
+
+LIDAR = "LIDAR_TOP"
+
+
+class _DevkitPoses:
+    """calibrated_sensor / ego_pose of every key-frame sample_data, read from the JSON tables.
+
+    The reader gives composed lidar → camera calibrations; TF needs the pieces (sensor → ego
+    and ego → map at each sensor's own stamp), which live in these two small tables.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        def table(name: str) -> list[dict[str, Any]]:
+            return json.loads((folder / f"{name}.json").read_text())
+
+        calib = {r["token"]: r for r in table("calibrated_sensor")}
+        ego = {r["token"]: r for r in table("ego_pose")}
+        channel = {r["token"]: r["channel"] for r in table("sensor")}
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        for sd in table("sample_data"):
+            if not sd.get("is_key_frame", False):
+                continue
+            c = calib[sd["calibrated_sensor_token"]]
+            e = ego[sd["ego_pose_token"]]
+            self.records[(sd["sample_token"], channel[c["sensor_token"]])] = {
+                "stamp_ns": int(sd["timestamp"]) * 1000,
+                "sensor_to_ego": transform_from_quat_wxyz(c["translation"], c["rotation"]),
+                "ego_to_map": transform_from_quat_wxyz(e["translation"], e["rotation"]),
+            }
+
+    def get(self, sample_token: str, channel: str) -> dict[str, Any] | None:
+        return self.records.get((sample_token, channel))
+
+
+def _plan_devkit(sample: Sample, poses: _DevkitPoses, cameras: Sequence[str]
+                 ) -> tuple[dict[str, np.ndarray], list[tuple[int, np.ndarray]]]:
+    """(base → sensor statics, [(stamp, map → base)]) of one devkit key frame."""
+    lidar = poses.get(sample.token, LIDAR)
+    if lidar is None:
+        raise Clip2SceneError(f"sample {sample.token}: no LIDAR_TOP record in the tables")
+    statics = {LIDAR: lidar["sensor_to_ego"]}
+    egos = [(lidar["stamp_ns"], lidar["ego_to_map"])]
+    for cam in sample.cameras:
+        rec = poses.get(sample.token, cam.name)
+        if rec is None:
+            continue
+        statics[cam.name] = rec["sensor_to_ego"]
+        egos.append((rec["stamp_ns"], rec["ego_to_map"]))
+    # the TF chain must reproduce the reader's own LiDAR pose
+    if sample.lidar_to_world is not None and not np.allclose(
+            lidar["ego_to_map"] @ lidar["sensor_to_ego"], sample.lidar_to_world, atol=1e-6):
+        raise Clip2SceneError(f"sample {sample.token}: ego_pose · calibrated_sensor disagrees with the reader")
+    return statics, egos
+
+
+def _plan_info(sample: Sample, info: dict[str, Any], cameras: Sequence[str]
+               ) -> tuple[dict[str, np.ndarray], list[tuple[int, np.ndarray]]]:
+    """Same for an mmdet3d info entry: lidar2ego, ego2global and per camera cam2ego.
+
+    Without ``cam2ego`` the camera is placed through ``lidar2cam`` (lidar2ego · lidar2cam⁻¹).
+    The info file holds one ego pose, which is published at every sensor stamp of the frame.
+    """
+    lidar2ego = np.asarray(info["lidar_points"]["lidar2ego"], dtype=np.float64)
+    ego2global = np.asarray(info["ego2global"], dtype=np.float64)
+    statics = {LIDAR: lidar2ego}
+    stamps = [sample.scan.stamp_ns]
+    images = info.get("images", {}) or {}
+    for cam in sample.cameras:
+        rec = images.get(cam.name, {})
+        if rec.get("cam2ego") is not None:
+            statics[cam.name] = np.asarray(rec["cam2ego"], dtype=np.float64)
+        else:
+            statics[cam.name] = lidar2ego @ invert_transform(cam.calibration.lidar_to_camera)
+        stamps.append(cam.stamp_ns)
+    return statics, [(s, ego2global) for s in sorted(set(stamps))]
+
+
+def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, list]], *,
+            storage: str = "mcap", compressed_images: bool = True, jpeg_quality: int = 90,
+            overwrite: bool = False, max_samples: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Write the samples of ``reader`` and return a small summary.
+
+    Within a sample, messages are written in stamp order (static TF and label classes first),
+    so a player that does not sort still sees TF before the data that needs it.
+    """
+    n = len(reader) if max_samples is None else min(len(reader), max_samples)
+    summary: dict[str, Any] = {"bag": str(out), "frames": 0, "sweeps": 0, "cameras": 0,
+                               "labelled_frames": 0}
+    last_static: dict[str, np.ndarray] | None = None
+    written_sweeps: set[int] = set()
+    t0 = time.perf_counter()
+    with SampleBagWriter(out, storage=storage, compressed_images=compressed_images,
+                         jpeg_quality=jpeg_quality, overwrite=overwrite,
+                         lidar_name="lidar_top") as w:
+        for i in range(n):   # readers list frames by scene, then time
+            sample = reader[i]
+            statics, egos = plan(i, sample)
+            events: list[tuple[int, int, Callable[[], None]]] = []
+            stamp0 = min([sample.scan.stamp_ns] + [s for s, _ in egos])
+            if last_static is None or set(statics) != set(last_static) or any(
+                    not np.allclose(statics[k], last_static[k]) for k in statics):
+                events.append((stamp0, 0, lambda st=statics, t=stamp0: w.write_static(
+                    t, st, cameras=[c.name for c in sample.cameras])))
+                last_static = statics
+            if sample.class_names is not None and sample.labels is not None:
+                events.append((stamp0, 1, lambda t=stamp0: w.write_label_classes(
+                    t, sample.vocabulary_name, sample.class_names)))
+            lidar_to_world = sample.lidar_to_world
+            for t, T in egos:
+                events.append((t, 2, lambda t=t, T=T: w.write_ego_pose(t, T)))
+            for sweep, T_key_sweep in sample.sweeps:
+                if sweep.stamp_ns in written_sweeps:   # neighbouring key frames share sweeps
+                    continue
+                written_sweeps.add(sweep.stamp_ns)
+                if lidar_to_world is not None:
+                    base_pose = lidar_to_world @ T_key_sweep @ invert_transform(statics[LIDAR])
+                    events.append((sweep.stamp_ns, 2, lambda t=sweep.stamp_ns, T=base_pose:
+                                   w.write_ego_pose(t, T)))
+                events.append((sweep.stamp_ns, 3, lambda s=sweep: w.write_scan(s)))
+                summary["sweeps"] += 1
+            for cam in sample.cameras:
+                events.append((cam.stamp_ns, 3, lambda c=cam: w.write_camera(c, c.stamp_ns)))
+                summary["cameras"] += 1
+            if sample.labels is not None:
+                events.append((sample.scan.stamp_ns, 3, lambda s=sample: w.write_labels(
+                    s.labels, s.scan.stamp_ns)))
+                summary["labelled_frames"] += 1
+            events.append((sample.scan.stamp_ns, 4, lambda s=sample: w.write_scan(s.scan)))
+            for _, _, write in sorted(events, key=lambda e: (e[0], e[1])):
+                write()
+            summary["frames"] += 1
+            if progress:
+                print(f"  frame {summary['frames']}/{n}: {sample.token} "
+                      f"({len(sample.scan)} points, {len(sample.cameras)} cameras)", file=sys.stderr)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["bytes"] = sum(f.stat().st_size for f in Path(out).iterdir())
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--root", required=True, type=Path, help="nuScenes data root (samples/, sweeps/, tables)")
+    p.add_argument("--version-dir", default="v1.0-mini", help="folder of the JSON tables under --root")
+    p.add_argument("--info", type=Path, help="mmdet3d info .pkl instead of the JSON tables")
+    p.add_argument("--out", required=True, type=Path, help="output rosbag2 directory (must not exist)")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    p.add_argument("--raw-images", action="store_true", help="sensor_msgs/Image rgb8 instead of JPEG CompressedImage")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--cameras", nargs="*", default=list(NUSCENES_CAMERAS),
+                   help="camera channels to include (none: LiDAR only)")
+    p.add_argument("--sweeps", type=int, default=0, help="earlier LIDAR_TOP sweeps per key frame, when present")
+    p.add_argument("--max-samples", type=int, help="convert only the first N key frames")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (Clip2SceneError, FileNotFoundError) as exc:
+        print(f"nuscenes_to_bag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.info:
+        reader = NuScenesInfoReader(args.info, args.root, cameras=args.cameras, num_sweeps=args.sweeps,
+                                    skip_missing_images=True)
+        info = load_pickle(args.info)
+        infos = info["data_list"] if isinstance(info, dict) else info
+
+        def plan(i: int, sample: Sample) -> tuple[dict, list]:
+            return _plan_info(sample, infos[i], args.cameras)
+    else:
+        reader = NuScenesReader(args.root, args.version_dir, cameras=args.cameras,
+                                num_sweeps=args.sweeps)
+        poses = _DevkitPoses(args.root / args.version_dir)
+
+        def plan(i: int, sample: Sample) -> tuple[dict, list]:
+            return _plan_devkit(sample, poses, args.cameras)
+    if len(reader) == 0:
+        print("no key frames found", file=sys.stderr)
+        return 1
+    summary = convert(reader, args.out, plan, storage=args.storage,
+                      compressed_images=not args.raw_images, jpeg_quality=args.jpeg_quality,
+                      overwrite=args.overwrite, max_samples=args.max_samples, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
