@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any
 
 import message_filters
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
@@ -29,12 +28,12 @@ from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from tf2_ros import Buffer, TransformException, TransformListener
 
-from clip2scene_core.errors import Clip2SceneError, TransformError
+from clip2scene_core.errors import Clip2SceneError
 
 from .msgs import MessageFactory
 from .node_config import NODE_NAME, NodeConfig, ParamSpec, camera_specs, from_parameters, parameter_specs
 from .pipeline import PipelineRunner, build_pipeline, load_segmenter
-from .tf import transform_to_matrix
+from .tf import Tf2Backend, TfResolver
 
 _PARAM_TYPES = {str: Parameter.Type.STRING, int: Parameter.Type.INTEGER,
                 float: Parameter.Type.DOUBLE, bool: Parameter.Type.BOOL,
@@ -58,8 +57,13 @@ class SegmenterNode(Node):
         # /tf is received by this node's executor; lookups block only the inference thread.
         # (spin_thread=True would move this node to the listener's own executor.)
         self.tf_listener = TransformListener(self.tf_buffer, self)
+        # the same LiDAR → camera policy as the replay tool, over tf2 instead of a bag's TF
+        self.tf_resolver = TfResolver(
+            Tf2Backend(self.tf_buffer, lambda ns: Time(nanoseconds=ns),
+                       Duration(seconds=self.cfg.tf_timeout), errors=(TransformException,)),
+            self.cfg.fixed_frame, on_fallback=self._on_tf_fallback)
         self.runner = PipelineRunner(
-            self.pipeline, self.cfg.cameras, self.cfg.sync, tf_lookup=self._lookup_transform,
+            self.pipeline, self.cfg.cameras, self.cfg.sync, tf_lookup=self.tf_resolver,
             clock=lambda: self.get_clock().now().nanoseconds, warn=self.get_logger().warning,
             warn_throttle_s=self.cfg.warn_throttle, device=str(segmenter.device),
             overlay_cameras=self._overlays_wanted)
@@ -140,13 +144,8 @@ class SegmenterNode(Node):
     def _on_camera(self, name: str, optical_frame: str, image: Any, info: Any) -> None:
         self.runner.on_camera(name, image, info, optical_frame)
 
-    def _lookup_transform(self, target: str, source: str, stamp_ns: int) -> np.ndarray:
-        try:
-            msg = self.tf_buffer.lookup_transform(target, source, Time(nanoseconds=stamp_ns),
-                                                  timeout=Duration(seconds=self.cfg.tf_timeout))
-        except TransformException as exc:
-            raise TransformError(f"{source} → {target} at t={stamp_ns * 1e-9:.3f}: {exc}") from None
-        return transform_to_matrix(msg)
+    def _on_tf_fallback(self, text: str) -> None:
+        self.runner.warn_throttled("tf_fallback", text)
 
     def _overlays_wanted(self) -> set[str]:
         """Cameras whose overlay topic has a subscriber (drawing 1600×900 images costs)."""

@@ -88,6 +88,11 @@ class NodeConfig:
                                min_value=0.001, max_value=3600.0)
     tf_timeout: float = _p(0.05, "how long (s) to wait for a LiDAR→camera transform",
                            min_value=0.0, max_value=10.0)
+    fixed_frame: str = _p("auto", "world-fixed TF frame for motion-compensated LiDAR→camera "
+                                  "lookups (camera pose at the image stamp, LiDAR pose at the sweep "
+                                  "stamp, tf2 time travel), e.g. odom; 'auto': the first of odom, "
+                                  "map, world in the TF tree; 'none' (or ''): plain lookup at the image "
+                                  "stamp")
     class_names: list[str] = _p([], "open vocabulary; empty: the checkpoint's classes "
                                     "(changeable at run time)", dynamic=True)
     publish_overlays: bool = _p(True, "publish ~/overlay/<camera> images with projected labels")
@@ -126,6 +131,10 @@ class NodeConfig:
                               f"cameras {self.cameras}")
         for name in self.cameras:
             self.cameras_config.setdefault(name, CameraConfig(name))
+        # tf2 (ROS 2) rejects a leading '/' and names with spaces: say so at start-up
+        if self.fixed_frame.startswith("/") or any(c.isspace() for c in self.fixed_frame):
+            raise ConfigError(f"fixed_frame: '{self.fixed_frame}' must be a TF frame id without a "
+                              "leading '/' or spaces ('auto', or 'none' for plain lookups)")
         names = [str(n).strip() for n in self.class_names]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"class_names must be non-empty and unique, got {self.class_names}")

@@ -38,9 +38,13 @@ from .msgs import MessageFactory, default_factory, header_stamp_ns
 from .pointcloud2 import cloud_to_scan, labeled_cloud
 from .sync import FrameSync, LatestSlot, SyncConfig, SyncedFrame
 
-#: (target_frame, source_frame, stamp_ns) → 4×4 matrix taking source coordinates to target;
-#: raises clip2scene_core.errors.TransformError when the transform is unavailable.
-TfLookup = Callable[[str, str, int], np.ndarray]
+#: (target_frame, target_stamp_ns, source_frame, source_stamp_ns) → 4×4 matrix taking source
+#: coordinates at the source stamp to target coordinates at the target stamp; raises
+#: clip2scene_core.errors.TransformError when unavailable. The pipeline asks for the camera
+#: optical frame at the image stamp and the LiDAR frame at the sweep stamp; how that is
+#: resolved (motion-compensated or not) is `clip2scene_ros.tf.TfResolver`'s one policy,
+#: used by the node and the replay tool alike.
+TfLookup = Callable[[str, int, str, int], np.ndarray]
 
 
 @dataclass
@@ -213,9 +217,13 @@ class SegmentationPipeline:
         return self._palette
 
     # -- cameras ---------------------------------------------------------------------------
-    def camera_frame(self, cam: CameraInput, lidar_frame: str,
+    def camera_frame(self, cam: CameraInput, lidar_frame: str, lidar_stamp_ns: int,
                      tf_lookup: TfLookup | None = None) -> CameraFrame:
-        """Decode, check and calibrate one camera; any problem raises a Clip2SceneError."""
+        """Decode, check and calibrate one camera; any problem raises a Clip2SceneError.
+
+        ``lidar_to_camera`` maps points of the sweep (LiDAR frame at ``lidar_stamp_ns``) into
+        the camera at its image stamp: both stamps go to the lookup, which decides.
+        """
         img_msg = cam.image
         if hasattr(img_msg, "format") and not hasattr(img_msg, "encoding"):
             rgb = compressed_to_rgb(img_msg)
@@ -232,7 +240,7 @@ class SegmentationPipeline:
         lookup = tf_lookup or self.tf_lookup
         if lookup is None:
             raise TransformError("no TF lookup given to the pipeline")
-        T = np.asarray(lookup(frame, lidar_frame, cam.stamp_ns), dtype=np.float64)
+        T = np.asarray(lookup(frame, cam.stamp_ns, lidar_frame, lidar_stamp_ns), dtype=np.float64)
         return CameraFrame(cam.name, rgb, Calibration(model, T), cam.stamp_ns)
 
     # -- one frame -------------------------------------------------------------------------
@@ -266,7 +274,7 @@ class SegmentationPipeline:
         frames: list[CameraFrame] = []
         for cam in cameras:
             try:
-                frames.append(self.camera_frame(cam, frame_id, tf_lookup))
+                frames.append(self.camera_frame(cam, frame_id, stamp, tf_lookup))
             except (Clip2SceneError, LookupError, ValueError) as exc:
                 out.cameras_skipped[cam.name] = f"{type(exc).__name__}: {exc}"
         out.cameras_used = [f.name for f in frames]
@@ -403,6 +411,10 @@ class PipelineRunner:
         for text in out.warnings:
             self._warn(("warning", text), text)
         return out
+
+    def warn_throttled(self, key: Any, text: str) -> None:
+        """A warning from outside the pipeline (e.g. TF fallbacks), throttled per ``key``."""
+        self._warn(("external", key), text)
 
     def close(self) -> None:
         self.slot.close()

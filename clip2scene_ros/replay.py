@@ -1,11 +1,12 @@
 """``clip2scene-replay`` / ``ros2 run clip2scene_ros replay``: evaluate a bag without ROS.
 
 Reads a rosbag2 (mcap / sqlite3) or ROS 1 bag, feeds it message by message (bag time order)
-through exactly what the node runs — ``FrameSync`` (approximate time), a ``TransformBuffer``
-filled from the bag's /tf_static and /tf (lookups interpolated at the image stamp; with a
-fixed frame such as ``map`` in the TF tree, the LiDAR pose is taken at the sweep stamp and the
-camera pose at the image stamp, compensating the vehicle's motion between them, see
-``--fixed-frame``), and the shared ``SegmentationPipeline`` built from the node's parameters
+through exactly what the node runs — ``FrameSync`` (approximate time), the node's TF policy
+``TfResolver`` over a ``TransformBuffer`` filled from the bag's /tf_static and /tf (with a
+fixed frame such as ``odom`` / ``map`` the LiDAR pose is taken at the sweep stamp and the
+camera pose at the image stamp, compensating the vehicle's motion between them; see the
+``fixed_frame`` parameter and ``--fixed-frame``), and the shared ``SegmentationPipeline`` built
+from the node's parameters
 (``--params config/segment.yaml``, overridden by the options) — and writes a rosbag2 with
 the labelled PointCloud2 (same fields as the node publishes: x, y, z, [intensity], label,
 score, rgb) on ``/clip2scene_segmenter/labeled_points``, at the input cloud's bag time, so
@@ -35,9 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clip2scene_core.errors import Clip2SceneError, ConfigError, TransformError
+from clip2scene_core.errors import Clip2SceneError, ConfigError
 from clip2scene_core.geometry import project_points
-from clip2scene_core.geometry.transforms import invert_transform
 from clip2scene_core.metrics import ConfusionMatrix
 from clip2scene_core.palette import normalize_name
 
@@ -49,7 +49,7 @@ from .node_config import NODE_NAME, CameraConfig, NodeConfig, load_params_file
 from .pipeline import CameraInput, PipelineOutput, build_pipeline
 from .pointcloud2 import read_points
 from .sync import FrameSync, SyncedFrame
-from .tf import TransformBuffer
+from .tf import TfResolver, TransformBuffer
 
 log = logging.getLogger("clip2scene.replay")
 
@@ -295,8 +295,7 @@ class ReplayOptions:
     report_dir: Path | None = None
     render_frames: tuple[int, ...] = ()
     max_frames: int | None = None
-    tf_tolerance_s: float = 0.05
-    fixed_frame: str = "auto"
+    tf_tolerance_s: float = 0.05      # the TF policy itself is config.fixed_frame, as in the node
     progress: bool = True
     salvage: bool = True
 
@@ -307,10 +306,10 @@ class Replay:
     def __init__(self, opts: ReplayOptions, segmenter: Any = None) -> None:
         self.opts = opts
         self.factory = MessageFactory.from_rosbags()
-        self.tf = TransformBuffer(cache_duration_ns=60 * 1_000_000_000)
-        self._tol = int(opts.tf_tolerance_s * 1e9)
-        self._sweep: tuple[str, int] | None = None   # (lidar frame, stamp) of the frame in work
-        self.tf_fallbacks = 0
+        self.tf = TransformBuffer(cache_duration_ns=60 * 1_000_000_000,
+                                  tolerance_ns=int(opts.tf_tolerance_s * 1e9))
+        # the node's policy and parameter (clip2scene_ros.tf.TfResolver), over the bag's TF
+        self.tf_lookup = TfResolver(self.tf, opts.config.fixed_frame)
         # overlays cost a full-image draw per camera: only made when they are written
         cfg = dataclasses.replace(opts.config, publish_overlays=opts.write_overlays)
         self.pipeline = build_pipeline(cfg, segmenter, self.factory, self.tf_lookup)
@@ -325,30 +324,13 @@ class Replay:
 
     # -- TF -------------------------------------------------------------------------------
     def fixed_frame(self) -> str:
-        """The world-fixed frame for motion-compensated lookups ('' = same-time lookups)."""
-        want = self.opts.fixed_frame
-        if want != "auto":
-            return want
-        return next((f for f in ("map", "odom", "world") if f in self.tf.frames), "")
+        """The world-fixed frame of motion-compensated lookups now ('' = plain lookups)."""
+        return self.tf_lookup.active_fixed_frame()
 
-    def tf_lookup(self, target: str, source: str, stamp: int) -> np.ndarray:
-        """LiDAR → camera at the image stamp, as the pipeline asks for it.
-
-        With a fixed frame (tf2's "time travel" lookup) the camera pose is taken at the image
-        stamp and the LiDAR pose at the sweep stamp, both interpolated, so the vehicle's
-        motion between the two (up to ~40 ms on nuScenes) is compensated; without one it is
-        tf2's plain lookup at the image stamp. A failed fixed-frame lookup falls back to the
-        plain one (counted in the report).
-        """
-        fixed = self.fixed_frame()
-        if fixed and self._sweep is not None and source.lstrip("/") == self._sweep[0]:
-            try:
-                T_fixed_target = self.tf.lookup(fixed, target, stamp, self._tol)
-                T_fixed_source = self.tf.lookup(fixed, source, self._sweep[1], self._tol)
-                return invert_transform(T_fixed_target) @ T_fixed_source
-            except TransformError:
-                self.tf_fallbacks += 1
-        return self.tf.lookup(target, source, stamp, self._tol)
+    @property
+    def tf_fallbacks(self) -> int:
+        """Time-travel lookups that failed and used the plain lookup instead."""
+        return self.tf_lookup.fallbacks
 
     # -- inputs ---------------------------------------------------------------------------
     def _camera_input(self, cam: CameraConfig, image: Any, info: Any) -> CameraInput:
@@ -479,10 +461,6 @@ class Replay:
 
     def _process(self, frame: SyncedFrame) -> None:
         index = len(self.records)
-        try:
-            self._sweep = (str(frame.lidar.header.frame_id).lstrip("/"), header_stamp_ns(frame.lidar))
-        except (AttributeError, TypeError):
-            self._sweep = None
         out: PipelineOutput = self.pipeline.process_frame(frame, self.tf_lookup)
         t0 = time.perf_counter()
         for name, reason in out.cameras_skipped.items():
@@ -562,7 +540,7 @@ class Replay:
                                                title=f"frame {index} (ground truth)")))
         for cam in frame.cameras.values():
             try:
-                cf = self.pipeline.camera_frame(cam, out.frame_id, self.tf_lookup)
+                cf = self.pipeline.camera_frame(cam, out.frame_id, out.stamp_ns, self.tf_lookup)
             except (Clip2SceneError, LookupError) as exc:
                 log.warning("frame %d: cannot render %s: %s", index, cam.name, exc)
                 continue
@@ -588,7 +566,8 @@ class Replay:
                        "ok": status.get("ok", 0), "empty": status.get("empty", 0),
                        "error": status.get("error", 0), "written": self.written},
             "dropped": {k: v for k, v in self.dropped.items() if v},
-            "tf": {"fixed_frame": self.fixed_frame(), "fixed_frame_fallbacks": self.tf_fallbacks},
+            "tf": {"fixed_frame_param": self.opts.config.fixed_frame,
+                   "fixed_frame": self.fixed_frame(), "fixed_frame_fallbacks": self.tf_fallbacks},
             "cameras_skipped": {c: dict(r) for c, r in self.camera_skips.items()},
             "latency_ms": latency_table(recs),
             "throughput": {"frames_per_s_pipeline": processed / pipeline_s if pipeline_s else 0.0,
@@ -642,10 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera-timeout", type=float, help="sync: camera silence (s, bag time) before skipping it")
     p.add_argument("--tf-tolerance", type=float, default=0.05,
                    help="s a TF lookup may lie outside the buffered range (nearest sample used)")
-    p.add_argument("--fixed-frame", default="auto",
+    p.add_argument("--fixed-frame",
                    help="world frame for motion-compensated LiDAR→camera lookups (camera pose at "
-                        "the image stamp, LiDAR pose at the sweep stamp); 'auto': map/odom/world "
-                        "when the bag's TF has one; '': plain lookup at the image stamp")
+                        "the image stamp, LiDAR pose at the sweep stamp); 'auto': odom/map/world "
+                        "when the bag's TF has one; 'none' or '': plain lookup at the image stamp. "
+                        "Default: the params file's fixed_frame (the node's parameter, 'auto')")
     p.add_argument("--output-topic", default=OUTPUT_TOPIC)
     p.add_argument("--copy-inputs", action="store_true", help="copy every input topic into the output bag")
     p.add_argument("--overlays", action="store_true",
@@ -691,6 +671,8 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
         changes["slop"] = args.slop
     if args.camera_timeout is not None:
         changes["camera_timeout"] = args.camera_timeout
+    if args.fixed_frame is not None:
+        changes["fixed_frame"] = args.fixed_frame
     if changes:
         cfg = dataclasses.replace(cfg, **changes)
     cfg.require_checkpoint()
@@ -703,7 +685,7 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
         write_overlays=args.overlays, storage=args.storage, overwrite=args.overwrite,
         gt_topic=args.gt_topic, gt_dir=args.gt_dir, gt_classes=_gt_classes(args.gt_classes),
         evaluate=not args.no_eval, report_dir=args.report_dir, render_frames=args.render_frames,
-        max_frames=args.max_frames, tf_tolerance_s=args.tf_tolerance, fixed_frame=args.fixed_frame,
+        max_frames=args.max_frames, tf_tolerance_s=args.tf_tolerance,
         progress=not args.no_progress, salvage=not args.strict)
 
 

@@ -6,12 +6,16 @@ ancestor, interpolate each moving edge between its two nearest samples (slerp fo
 rotation) and refuse to extrapolate. Conventions follow tf2: a TransformStamped with
 ``header.frame_id = parent`` and ``child_frame_id = child`` maps child coordinates into the
 parent frame, and ``lookup(target, source, t)`` returns T with ``p_target = T @ p_source``.
+
+`TfResolver` is the one LiDAR → camera policy of the node and the replay tool (motion
+compensation through a fixed frame, or a plain lookup), over either backend: this
+`TransformBuffer` (replay) or a tf2_ros.Buffer behind `Tf2Backend` (node).
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -22,7 +26,9 @@ from clip2scene_core.geometry.transforms import (
 
 from .msgs import MessageFactory, default_factory, make_header, stamp_to_ns
 
-__all__ = ["transform_to_matrix", "matrix_to_transform", "TransformBuffer", "DEFAULT_CACHE_NS"]
+__all__ = ["transform_to_matrix", "matrix_to_transform", "TransformBuffer", "DEFAULT_CACHE_NS",
+           "TfBackend", "Tf2Backend", "TfResolver", "AUTO_FIXED_FRAME", "AUTO_FIXED_FRAME_CANDIDATES",
+           "NO_FIXED_FRAME"]
 
 DEFAULT_CACHE_NS = 10_000_000_000  # tf2's default cache time: 10 s
 _QUAT_NORM_TOL = 1e-3              # tf2 rejects quaternions that are not (nearly) unit length
@@ -133,10 +139,13 @@ class TransformBuffer:
     replay tool never needs that and a mixed tree would be ambiguous).
     """
 
-    def __init__(self, cache_duration_ns: int = DEFAULT_CACHE_NS) -> None:
+    def __init__(self, cache_duration_ns: int = DEFAULT_CACHE_NS, tolerance_ns: int = 0) -> None:
         if cache_duration_ns <= 0:
             raise TransformError(f"cache duration must be positive, got {cache_duration_ns} ns")
+        if tolerance_ns < 0:
+            raise TransformError(f"tolerance must not be negative, got {tolerance_ns} ns")
         self.cache_duration_ns = int(cache_duration_ns)
+        self.tolerance_ns = int(tolerance_ns)   # default of every lookup (a `TfBackend` has none)
         self._edges: dict[str, _Edge] = {}
 
     # -- filling --------------------------------------------------------------------------------
@@ -180,6 +189,9 @@ class TransformBuffer:
     def frames(self) -> set[str]:
         """Every frame named so far (children and parents)."""
         return set(self._edges) | {e.parent for e in self._edges.values()}
+
+    def has_frame(self, frame: str) -> bool:
+        return frame.lstrip("/") in self.frames
 
     def parent_of(self, frame: str) -> str | None:
         edge = self._edges.get(frame)
@@ -228,19 +240,19 @@ class TransformBuffer:
         return latest
 
     def lookup(self, target_frame: str, source_frame: str, stamp_ns: int | None = None,
-               tolerance_ns: int = 0) -> np.ndarray:
+               tolerance_ns: int | None = None) -> np.ndarray:
         """T (4×4) with ``p_target = T @ p_source`` at ``stamp_ns``.
 
         ``stamp_ns`` None (or 0, as tf2's "time zero") asks for the latest time every edge
         on the path has. Dynamic edges are interpolated; a stamp more than ``tolerance_ns``
         outside an edge's buffered range raises ``TransformError`` (within the tolerance the
-        nearest sample is used).
+        nearest sample is used); None: the buffer's ``tolerance_ns``.
         """
         target_frame, source_frame = target_frame.lstrip("/"), source_frame.lstrip("/")
         s_path, t_path = self._path(target_frame, source_frame)
         if not stamp_ns:
             stamp_ns = self.latest_common_stamp(target_frame, source_frame)
-        tol = int(tolerance_ns)
+        tol = self.tolerance_ns if tolerance_ns is None else int(tolerance_ns)
         T_common_source = np.eye(4)
         for f in s_path:  # source → ... → common ancestor
             T_common_source = self._edges[f].matrix(stamp_ns, tol, f) @ T_common_source
@@ -250,7 +262,7 @@ class TransformBuffer:
         return invert_transform(T_common_target) @ T_common_source
 
     def lookup_full(self, target_frame: str, target_stamp_ns: int | None, source_frame: str,
-                    source_stamp_ns: int | None, fixed_frame: str, tolerance_ns: int = 0
+                    source_stamp_ns: int | None, fixed_frame: str, tolerance_ns: int | None = None
                     ) -> np.ndarray:
         """T with ``p_target(target_stamp) = T @ p_source(source_stamp)`` (tf2's time travel).
 
@@ -262,9 +274,146 @@ class TransformBuffer:
         return invert_transform(T_fixed_target) @ T_fixed_source
 
     def can_transform(self, target_frame: str, source_frame: str, stamp_ns: int | None = None,
-                      tolerance_ns: int = 0) -> bool:
+                      tolerance_ns: int | None = None) -> bool:
         try:
             self.lookup(target_frame, source_frame, stamp_ns, tolerance_ns)
         except TransformError:
             return False
         return True
+
+
+# -- one TF policy for the node and the replay tool ----------------------------------------------
+AUTO_FIXED_FRAME = "auto"
+#: spellings of "no fixed frame: plain lookup"; "none" because an empty string is awkward to
+#: give in a params file or on a command line
+NO_FIXED_FRAME = ("", "none")
+#: what "auto" looks for, in order. odom first: it is continuous (REP 105), while map → odom
+#: jumps at localisation updates, and a jump between the two stamps would be "compensated" too.
+AUTO_FIXED_FRAME_CANDIDATES = ("odom", "map", "world")
+
+
+class TfBackend(Protocol):
+    """What `TfResolver` needs from a transform source (`TransformBuffer`, `Tf2Backend`).
+
+    Both return T (4×4) with ``p_target = T @ p_source`` and raise ``TransformError`` when the
+    transform is unavailable.
+    """
+
+    def lookup(self, target_frame: str, source_frame: str, stamp_ns: int) -> np.ndarray: ...
+
+    def lookup_full(self, target_frame: str, target_stamp_ns: int, source_frame: str,
+                    source_stamp_ns: int, fixed_frame: str) -> np.ndarray: ...
+
+    def has_frame(self, frame: str) -> bool: ...
+
+
+class Tf2Backend:
+    """`TfBackend` over a ``tf2_ros.Buffer``, duck-typed so that this module never imports rclpy.
+
+    The node passes rclpy's ``Time(nanoseconds=...)`` maker, a ``Duration`` timeout and tf2's
+    ``TransformException``; tests pass look-alikes. tf2 waits up to ``timeout`` for missing data
+    and never extrapolates (where `TransformBuffer` has a tolerance instead: a bag cannot wait).
+    """
+
+    def __init__(self, buffer: Any, make_time: Callable[[int], Any], timeout: Any = None, *,
+                 errors: tuple[type[BaseException], ...]) -> None:
+        self.buffer = buffer
+        self.make_time = make_time
+        self.timeout = timeout
+        self.errors = errors   # what the buffer raises for "not available" → TransformError
+
+    def _kw(self) -> dict[str, Any]:
+        return {} if self.timeout is None else {"timeout": self.timeout}
+
+    def lookup(self, target_frame: str, source_frame: str, stamp_ns: int) -> np.ndarray:
+        try:
+            msg = self.buffer.lookup_transform(target_frame, source_frame, self.make_time(stamp_ns),
+                                               **self._kw())
+        except self.errors as exc:
+            raise TransformError(f"{source_frame} → {target_frame} at t={stamp_ns * 1e-9:.3f}: "
+                                 f"{exc}") from None
+        return transform_to_matrix(msg)
+
+    def lookup_full(self, target_frame: str, target_stamp_ns: int, source_frame: str,
+                    source_stamp_ns: int, fixed_frame: str) -> np.ndarray:
+        try:
+            msg = self.buffer.lookup_transform_full(
+                target_frame, self.make_time(target_stamp_ns), source_frame,
+                self.make_time(source_stamp_ns), fixed_frame, **self._kw())
+        except self.errors as exc:
+            raise TransformError(
+                f"{source_frame} at t={source_stamp_ns * 1e-9:.3f} → {target_frame} at "
+                f"t={target_stamp_ns * 1e-9:.3f} via {fixed_frame}: {exc}") from None
+        return transform_to_matrix(msg)
+
+    def has_frame(self, frame: str) -> bool:
+        exists = getattr(self.buffer, "_frameExists", None)   # tf2 BufferCore (ROS 1 and 2)
+        if exists is not None:
+            return bool(exists(frame))
+        import yaml   # public fallback: child frames with their parents
+
+        tree = yaml.safe_load(self.buffer.all_frames_as_yaml() or "") or {}
+        return frame in tree or any(isinstance(v, dict) and v.get("parent") == frame
+                                    for v in tree.values())
+
+
+class TfResolver:
+    """LiDAR → camera transform of one image: the single TF policy of the node and of replay.
+
+    Called as ``resolver(camera_frame, image_stamp_ns, lidar_frame, sweep_stamp_ns)`` (the
+    pipeline's `TfLookup`). ``fixed_frame``:
+
+    - a frame name (e.g. ``odom``): tf2's "time travel" lookup — camera pose at the image
+      stamp, LiDAR pose at the sweep stamp, joined through that world-fixed frame, so the
+      vehicle's motion between the two stamps is compensated (1–29 px on nuScenes);
+    - ``""`` or ``"none"``: the plain lookup at the image stamp (the sweep is taken as if shot
+      at the image time: right for a rig that does not move, or when no world frame is
+      published);
+    - ``"auto"``: the first of `AUTO_FIXED_FRAME_CANDIDATES` the TF tree has, else ``""``.
+
+    A failed time-travel lookup (fixed frame absent, a pose missing at either stamp) falls
+    back to the plain lookup instead of dropping the camera; it is counted in ``fallbacks``
+    and ``on_fallback`` is told why, so the node can warn and the replay report can show it.
+    """
+
+    def __init__(self, backend: TfBackend, fixed_frame: str = AUTO_FIXED_FRAME,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        self.backend = backend
+        self.fixed_frame = str(fixed_frame).strip().lstrip("/")
+        self.on_fallback = on_fallback
+        self.fallbacks = 0
+
+    def active_fixed_frame(self) -> str:
+        """The frame the next lookup goes through ('' = plain lookup)."""
+        if self.fixed_frame in NO_FIXED_FRAME:
+            return ""
+        if self.fixed_frame != AUTO_FIXED_FRAME:
+            return self.fixed_frame
+        return next((f for f in AUTO_FIXED_FRAME_CANDIDATES if self.backend.has_frame(f)), "")
+
+    def __call__(self, target_frame: str, target_stamp_ns: int, source_frame: str,
+                 source_stamp_ns: int) -> np.ndarray:
+        fixed = self.active_fixed_frame()
+        if fixed:
+            if not self.backend.has_frame(fixed):   # do not wait out a tf2 timeout for nothing
+                self._fallback(fixed, f"frame {fixed!r} is not in the TF tree")
+            else:
+                try:
+                    return _matrix(self.backend.lookup_full(target_frame, target_stamp_ns,
+                                                            source_frame, source_stamp_ns, fixed))
+                except TransformError as exc:
+                    self._fallback(fixed, str(exc))
+        return _matrix(self.backend.lookup(target_frame, source_frame, target_stamp_ns))
+
+    def _fallback(self, fixed: str, why: str) -> None:
+        self.fallbacks += 1
+        if self.on_fallback is not None:
+            self.on_fallback(f"no motion-compensated transform through fixed frame {fixed!r} "
+                             f"({why}): used the plain lookup at the image stamp")
+
+
+def _matrix(T: Any) -> np.ndarray:
+    T = np.asarray(T, dtype=np.float64)
+    if T.shape != (4, 4):
+        raise TransformError(f"a TF lookup returned shape {T.shape}, expected (4, 4)")
+    return T

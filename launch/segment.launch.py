@@ -7,6 +7,12 @@ Parameters come from ``config`` (default: the installed config/segment.yaml); ev
 left empty keeps the file's value. ``cameras`` and ``class_names`` are comma-separated lists;
 per-camera topics default to /<name>/image_raw[/compressed] and /<name>/camera_info, or are
 set in the config file under ``camera.<name>``.
+
+``fixed_frame`` is one world frame for the whole launch: the node's motion-compensated TF
+lookups go through it (LiDAR pose at the sweep stamp, camera pose at the image stamp), and RViz
+shows everything in it — RViz's fixed frame is the same tf2 "time travel" frame. A sensor frame
+there (e.g. the LiDAR's) makes the node's lookups plain ones; ``auto`` / ``none`` only reach the
+node (RViz then keeps its config's fixed frame).
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ NODE_ARGUMENTS = (
     ("device", "", "auto | cpu | cuda"),
     ("clip_weights", "", "CLIP weights file or open_clip tag (open vocabulary + camera fusion)"),
     ("class_names", "", "comma-separated open-vocabulary classes (empty: checkpoint's)"),
+    ("fixed_frame", "", "world frame (e.g. odom) of the node's motion-compensated TF lookups and "
+                        "RViz's fixed frame; auto | none reach the node only (empty: as in the "
+                        "config files)"),
 )
 LAUNCH_ARGUMENTS = (
     ("config", "", "parameters file (empty: the installed config/segment.yaml)"),
@@ -38,8 +47,8 @@ LAUNCH_ARGUMENTS = (
     ("use_sim_time", "false", "use /clock (bag playback with --clock)"),
     ("rviz", "false", "start RViz with rviz/segment.rviz"),
     ("rviz_config", "", "RViz config (empty: the installed rviz/segment.rviz)"),
-    ("fixed_frame", "", "RViz fixed frame (empty: as in the RViz config)"),
 )
+NOT_A_FRAME = ("auto", "none")   # fixed_frame values that are node policies, not frames for RViz
 LIST_ARGUMENTS = ("cameras", "class_names")
 
 
@@ -73,7 +82,7 @@ def _launch_setup(context, *args, **kwargs):
                     emulate_tty=True, parameters=[config, overrides])]
     if _is_true(arg("rviz")):
         rviz_args = ["-d", arg("rviz_config") or f"{share}/rviz/segment.rviz"]
-        if arg("fixed_frame"):
+        if arg("fixed_frame") and arg("fixed_frame") not in NOT_A_FRAME:
             rviz_args += ["-f", arg("fixed_frame")]
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
                             arguments=rviz_args,

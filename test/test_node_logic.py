@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,8 +30,8 @@ from clip2scene_ros.pipeline import PipelineRunner, build_pipeline
 from clip2scene_ros.pointcloud2 import read_points
 from clip2scene_ros.sync import SKIP_NEVER, SyncConfig
 
-from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, load_nuscenes, make_camera, make_cloud, make_tf,
-                           subsample, tiny_checkpoint)
+from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, load_nuscenes, make_camera, make_cloud,
+                           make_lookup, subsample, tiny_checkpoint)
 
 MS = 1_000_000
 
@@ -64,7 +65,7 @@ def checkpoint(tmp_path_factory):
 def pipeline(checkpoint, factory, nusc):
     torch.set_num_threads(1)
     cfg = from_parameters({"checkpoint": str(checkpoint), "device": "cpu", "cameras": ["front"]})
-    return build_pipeline(cfg, msg_factory=factory, tf_lookup=make_tf(nusc, factory).lookup)
+    return build_pipeline(cfg, msg_factory=factory, tf_lookup=make_lookup(nusc, factory))
 
 
 def runner_for(pipeline, cameras=("front",), clock=None, warnings=None, **sync):
@@ -171,7 +172,7 @@ def test_camera_that_never_arrives_goes_lidar_only_with_throttled_warning(pipeli
 
 
 def test_missing_transform_skips_the_camera_and_warns(pipeline, nusc, factory):
-    from clip2scene_ros.tf import TransformBuffer, matrix_to_transform
+    from clip2scene_ros.tf import TfResolver, TransformBuffer, matrix_to_transform
 
     clock = FakeClock(LIDAR_STAMP)
     warnings: list[str] = []
@@ -180,7 +181,7 @@ def test_missing_transform_skips_the_camera_and_warns(pipeline, nusc, factory):
     stale = TransformBuffer()
     stale.add(matrix_to_transform(nusc.lidar2cam, factory, "CAM_FRONT", "LIDAR_TOP",
                                   LIDAR_STAMP - 10 * 10**9))
-    runner.tf_lookup = stale.lookup
+    runner.tf_lookup = TfResolver(stale, "auto")   # no world frame in this tree: plain lookups
     outs = []
     for i in range(2):       # every failure names its own image stamp
         stamp = FRONT_STAMP + i * 100 * MS
@@ -322,6 +323,8 @@ def test_params_file_formats(tmp_path):
     ({"camera.front.exposure": 1.0}, "unknown parameter"),
     ({"class_names": ["car", ""]}, "class_names"),
     ({"publish_overlays": "yes"}, "true/false"),
+    ({"fixed_frame": "/odom"}, "fixed_frame"),
+    ({"fixed_frame": "my odom"}, "fixed_frame"),
 ])
 def test_invalid_parameters_are_clear_errors(params, message):
     with pytest.raises(ConfigError, match=message):
@@ -472,7 +475,7 @@ def test_launch_defaults_use_the_config_file(repo_root, monkeypatch):
 def test_launch_arguments_become_valid_node_parameters(repo_root, monkeypatch):
     actions = _run_launch(repo_root, monkeypatch, checkpoint="/models/c2s.pt", cameras="front, left",
                           camera_transport="compressed", class_names="car,road", device="cuda",
-                          lidar_topic="/lidar/top", rviz="true", fixed_frame="LIDAR_TOP",
+                          lidar_topic="/lidar/top", rviz="true", fixed_frame="odom",
                           use_sim_time="true", config=str(repo_root / "config" / "segment.yaml"))
     node, rviz = actions
     config_file, typed = node.kwargs["parameters"]
@@ -480,16 +483,25 @@ def test_launch_arguments_become_valid_node_parameters(repo_root, monkeypatch):
     overrides = {k: getattr(v, "value", v) for k, v in typed.items()}
     assert overrides == {"use_sim_time": True, "checkpoint": "/models/c2s.pt", "cameras": ["front", "left"],
                          "device": "cuda", "class_names": ["car", "road"], "lidar_topic": "/lidar/top",
+                         "fixed_frame": "odom",
                          "camera.front.transport": "compressed", "camera.left.transport": "compressed"}
     # what the node receives: the file, then the overrides on top
     merged = flatten(yaml.safe_load(Path(config_file).read_text())[NODE_NAME]["ros__parameters"]) | overrides
     cfg = from_parameters(merged)
     assert [c.image_topic for c in cfg.camera_list] == ["/front/image_raw/compressed",
                                                         "/left/image_raw/compressed"]
-    assert cfg.device == "cuda" and cfg.class_names == ["car", "road"]
+    assert cfg.device == "cuda" and cfg.class_names == ["car", "road"] and cfg.fixed_frame == "odom"
     assert rviz.kwargs["executable"] == "rviz2"
+    # one world frame for the launch: the node's TF lookups go through it, RViz shows it
     assert rviz.kwargs["arguments"] == ["-d", "/opt/ros/share/clip2scene_ros/rviz/segment.rviz",
-                                        "-f", "LIDAR_TOP"]
+                                        "-f", "odom"]
+
+
+def test_launch_fixed_frame_policies_reach_the_node_only(repo_root, monkeypatch):
+    node, rviz = _run_launch(repo_root, monkeypatch, rviz="true", fixed_frame="none")
+    assert node.kwargs["parameters"][1]["fixed_frame"].value == "none"
+    assert from_parameters({"fixed_frame": "none"}).fixed_frame == "none"
+    assert rviz.kwargs["arguments"] == ["-d", "/opt/ros/share/clip2scene_ros/rviz/segment.rviz"]
 
 
 # ----------------------------------------------------------------------------- node.py glue
@@ -670,14 +682,32 @@ def _install_stand_in_ros(monkeypatch) -> dict:
         pass
 
     class Buffer:
+        """tf2_ros.Buffer's query API over canned answers; records what it was asked."""
+
         def __init__(self):
-            self.transforms = {}
+            self.transforms = {}        # (target, source) → TransformStamped
+            self.full_transforms = {}   # (target, source, fixed) → TransformStamped
+            self.frames = set()         # what _frameExists knows besides the canned frames
+            self.calls = []
+
+        def _frameExists(self, frame):
+            return frame in self.frames or any(frame in key[:2] for key in self.transforms)
 
         def lookup_transform(self, target, source, time, timeout=None):
+            self.calls.append(("lookup_transform", target, source, time, timeout))
             try:
                 return self.transforms[(target, source)]
             except KeyError:
                 raise TransformException(f"{source} -> {target} unknown") from None
+
+        def lookup_transform_full(self, target, target_time, source, source_time, fixed,
+                                  timeout=None):
+            self.calls.append(("lookup_transform_full", target, target_time, source, source_time,
+                               fixed, timeout))
+            try:
+                return self.full_transforms[(target, source, fixed)]
+            except KeyError:
+                raise TransformException(f"{source} -> {target} via {fixed} unknown") from None
 
     module("tf2_ros", Buffer=Buffer, TransformException=TransformException,
            TransformListener=lambda buffer, node, **kw: None)
@@ -747,6 +777,10 @@ def test_node_glue_with_stand_in_rclpy(stand_in_node_module, checkpoint, nusc):
         overlays.subscribers = 1
         frame(0)
         assert len(read_points(published[0])) == len(subsample(nusc.points))
+        # fixed_frame "auto" and no odom/map/world in this TF tree: tf2's plain lookup at the
+        # image stamp (rclpy Time / Duration stand-ins are nanoseconds / seconds)
+        assert node.runner.tf_lookup is node.tf_resolver
+        assert node.tf_buffer.calls == [("lookup_transform", "CAM_FRONT", "LIDAR_TOP", FRONT_STAMP, 0.05)]
         assert [header_stamp_ns(m) for m in overlays.sent] == [FRONT_STAMP]
         overlays.subscribers = 0                     # nobody watches: no overlay is drawn
         frame(100 * MS)
@@ -765,6 +799,51 @@ def test_node_glue_with_stand_in_rclpy(stand_in_node_module, checkpoint, nusc):
     finally:
         node.shutdown()
     assert not node._worker.is_alive()
+
+
+def test_node_fixed_frame_is_tf2_time_travel_with_a_fallback(stand_in_node_module, checkpoint, nusc):
+    """fixed_frame set: lookup_transform_full(camera @ image stamp, LiDAR @ sweep stamp, fixed);
+    when that fails, the plain lookup and a throttled warning (the replay tool counts them)."""
+    from clip2scene_ros.tf import matrix_to_transform, transform_to_matrix
+
+    node_module, ros = stand_in_node_module
+    P = ros["Parameter"]
+    node = node_module.SegmenterNode(parameter_overrides=[
+        P("checkpoint", value=str(checkpoint)), P("device", value="cpu"), P("fixed_frame", value="odom"),
+        P("tf_timeout", value=0.2)])
+    try:
+        factory = MessageFactory.from_rosbags()
+        moved = nusc.lidar2cam.copy()
+        moved[:3, 3] += [0.3, 0.0, -0.1]     # what motion compensation would add
+        buf = node.tf_buffer
+        buf.transforms[("CAM_FRONT", "LIDAR_TOP")] = matrix_to_transform(
+            nusc.lidar2cam, factory, "CAM_FRONT", "LIDAR_TOP", 0)
+        buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")] = matrix_to_transform(
+            moved, factory, "CAM_FRONT", "LIDAR_TOP", 0)
+        buf.frames.add("odom")
+        plain = transform_to_matrix(buf.transforms[("CAM_FRONT", "LIDAR_TOP")])
+        full = transform_to_matrix(buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")])
+        T = node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
+        np.testing.assert_array_equal(T, full)
+        assert buf.calls == [("lookup_transform_full", "CAM_FRONT", FRONT_STAMP, "LIDAR_TOP",
+                              LIDAR_STAMP, "odom", 0.2)]
+        # odom poses missing at a stamp → the plain lookup, counted and warned about (once)
+        del buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")]
+        for _ in range(2):
+            T = node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
+            np.testing.assert_array_equal(T, plain)
+        assert buf.calls[-1] == ("lookup_transform", "CAM_FRONT", "LIDAR_TOP", FRONT_STAMP, 0.2)
+        assert node.tf_resolver.fallbacks == 2
+        warned = [text for level, text in ros["logs"] if level == "warning" and "'odom'" in text]
+        assert len(warned) == 1 and "via odom unknown" in warned[0]
+        # odom not in the tree at all: no tf2 call that would wait out the timeout
+        buf.frames.clear()
+        n_calls = len(buf.calls)
+        node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
+        assert [c[0] for c in buf.calls[n_calls:]] == ["lookup_transform"]
+        assert node.tf_resolver.fallbacks == 3
+    finally:
+        node.shutdown()
 
 
 def test_node_main_exits_non_zero_on_a_bad_parameter(stand_in_node_module, monkeypatch):

@@ -31,7 +31,7 @@ from clip2scene_ros.msgs import MessageFactory, make_header
 from clip2scene_ros.pipeline import CameraInput, PipelineConfig, SegmentationPipeline
 from clip2scene_ros.pointcloud2 import FLOAT32, UNLABELED, create_cloud, make_point_field, read_points, unpack_rgb
 from clip2scene_ros.sync import SKIP_TIMEOUT, FrameSync, SyncConfig
-from clip2scene_ros.tf import TransformBuffer, matrix_to_transform
+from clip2scene_ros.tf import TfResolver, TransformBuffer, matrix_to_transform
 
 NUSC = "nuscenes/mmdet3d_demo_scene-0061"
 LIDAR_STAMP = 1532402927647951000       # from the file names (µs → ns)
@@ -93,6 +93,11 @@ def make_tf(frame: NuscenesFrame, factory: MessageFactory) -> TransformBuffer:
     return buf
 
 
+def make_lookup(frame: NuscenesFrame, factory: MessageFactory, fixed_frame: str = "auto") -> TfResolver:
+    """The node's / replay's TF policy over `make_tf` (no world frame there: plain lookups)."""
+    return TfResolver(make_tf(frame, factory), fixed_frame)
+
+
 def tiny_checkpoint(path: Path, seed: int = 0, vocabulary: str = "nuscenes16") -> Path:
     """A random-initialised MinkUNet14A at 1/8 width, 1 m voxels, saved as a real checkpoint."""
     torch.manual_seed(seed)
@@ -130,7 +135,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def pipeline(checkpoint, factory, nusc) -> SegmentationPipeline:
     torch.set_num_threads(1)
     seg = Segmenter.load(checkpoint, device="cpu")
-    return SegmentationPipeline(seg, PipelineConfig(overlay_radius=0), factory, make_tf(nusc, factory).lookup)
+    return SegmentationPipeline(seg, PipelineConfig(overlay_radius=0), factory, make_lookup(nusc, factory))
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +266,27 @@ def test_bad_cameras_are_skipped_with_reasons(pipeline, nusc, factory):
     assert "ImageDecodeError" in reasons["broken_jpeg"]
 
 
+def test_tf_lookup_gets_the_camera_at_the_image_stamp_and_the_lidar_at_the_sweep_stamp(
+        pipeline, nusc, factory):
+    """The pipeline hands both stamps over, so the lookup can compensate the motion between
+    them (the node and replay use `TfResolver` for that); what it returns is the calibration."""
+    calls = []
+    moved = nusc.lidar2cam.copy()
+    moved[0, 3] += 0.5   # a different extrinsic: the camera must be calibrated with this one
+
+    def lookup(target, target_stamp, source, source_stamp):
+        calls.append((target, target_stamp, source, source_stamp))
+        return moved
+
+    cam = make_camera(nusc, factory, stamp_ns=FRONT_STAMP)
+    frame = pipeline.camera_frame(cam, "LIDAR_TOP", LIDAR_STAMP, lookup)
+    np.testing.assert_array_equal(frame.calibration.lidar_to_camera, moved)
+    assert frame.stamp_ns == FRONT_STAMP
+    out = pipeline.process(make_cloud(subsample(nusc.points), factory), [cam], tf_lookup=lookup)
+    assert out.cameras_used == ["front"]
+    assert calls == [("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)] * 2
+
+
 def test_model_failure_drops_the_frame_and_the_next_one_runs(pipeline, nusc, factory):
     pts = subsample(nusc.points)
     pts[0, :3] = [1e7, 0, 0]   # beyond the voxel grid: the segmenter raises
@@ -306,7 +332,7 @@ def test_class_names_need_a_text_encoder(pipeline):
 
 def test_class_names_change_on_the_next_frame_with_camera_fusion(checkpoint, nusc, factory):
     seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
-    pipe = SegmentationPipeline(seg, PipelineConfig(), factory, make_tf(nusc, factory).lookup)
+    pipe = SegmentationPipeline(seg, PipelineConfig(), factory, make_lookup(nusc, factory))
     assert pipe.check_class_names(["car", "car"]) is not None      # duplicates
     assert pipe.check_class_names(["car", " "]) is not None        # blank
     pipe.set_class_names(["car", "road", "building"])

@@ -149,13 +149,14 @@ def test_replayed_points_project_like_the_dataset_calibration(replayed, nus_ckpt
     cloud = next(m.msg for m in msgs if m.topic == OUT_TOPIC)
     pts = read_points(cloud)
     xyz = np.stack([pts["x"], pts["y"], pts["z"]], axis=1).astype(np.float64)
-    rp._sweep = ("lidar_top", header_stamp_ns(cloud))
+    sweep_stamp = header_stamp_ns(cloud)
+    assert rp.fixed_frame() == "map"   # the params' default "auto": the bag's world frame
     plain_shift = []
     for cam in sample.cameras:
         name = cam.name.lower()
         info = next(m.msg for m in msgs if m.topic == f"/{name}/camera_info"
                     and header_stamp_ns(m.msg) == cam.stamp_ns)
-        T = rp.tf_lookup(f"{name}_optical_frame", "lidar_top", cam.stamp_ns)
+        T = rp.tf_lookup(f"{name}_optical_frame", cam.stamp_ns, "lidar_top", sweep_stamp)
         ours = project_points(xyz, Calibration(camera_info_to_model(info), T))
         ref = project_points(sample.scan.xyz, cam.calibration)
         assert ref.valid.sum() > 1000
@@ -168,6 +169,21 @@ def test_replayed_points_project_like_the_dataset_calibration(replayed, nus_ckpt
         plain_shift.append(np.median(np.linalg.norm(plain.uv[ok] - ref.uv[ok], axis=1)))
     # without motion compensation the projection would be off by pixels on this moving car
     assert max(plain_shift) > 5.0
+    assert rp.tf_fallbacks == 0
+
+
+def test_fixed_frame_is_the_node_parameter(tmp_path, nus_ckpt):
+    """--fixed-frame overrides the params file's fixed_frame, which is the node's parameter:
+    both tools resolve TF with the same setting (clip2scene_ros.tf.TfResolver)."""
+    params = tmp_path / "params.yaml"
+    params.write_text("clip2scene_segmenter:\n  ros__parameters:\n    fixed_frame: odom\n")
+    base = ["in_bag", "--out", str(tmp_path / "out"), "--checkpoint", str(nus_ckpt)]
+    parse = lambda *a: replay.options_from_args(replay.build_parser().parse_args(base + list(a)))  # noqa: E731
+    assert parse().config.fixed_frame == "auto" == NodeConfig().fixed_frame
+    assert parse("--params", str(params)).config.fixed_frame == "odom"
+    assert parse("--params", str(params), "--fixed-frame", "none").config.fixed_frame == "none"
+    rp = replay.Replay(parse("--params", str(params), "--device", "cpu"))
+    assert rp.tf_lookup.fixed_frame == "odom" and rp.fixed_frame() == "odom"
 
 
 @pytest.fixture(scope="module")

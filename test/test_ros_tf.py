@@ -1,4 +1,5 @@
-"""TF conversions and TransformBuffer on real nuScenes ego poses and sensor calibrations."""
+"""TF conversions, TransformBuffer and the node's / replay's TfResolver on real nuScenes ego
+poses and sensor calibrations."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ import pytest
 
 from clip2scene_core.errors import TransformError
 from clip2scene_ros.msgs import MessageFactory
-from clip2scene_ros.tf import TransformBuffer, matrix_to_transform, transform_to_matrix
+from clip2scene_ros.tf import (Tf2Backend, TfResolver, TransformBuffer, matrix_to_transform,
+                               transform_to_matrix)
 
 FACTORY = MessageFactory.from_rosbags("ROS2_HUMBLE")
 TS = FACTORY.typestore
@@ -63,6 +65,7 @@ def nuscenes(data_dir: Path) -> dict:
     sensors = {s["token"]: s["channel"] for s in load("sensor")}
     poses: dict[str, list[tuple[int, np.ndarray]]] = {}
     sensor_to_ego: dict[str, np.ndarray] = {}
+    intrinsics: dict[str, np.ndarray] = {}
     for sd in load("sample_data"):
         if LOG not in sd["filename"]:
             continue
@@ -71,8 +74,10 @@ def nuscenes(data_dir: Path) -> dict:
         sensor_to_ego[channel] = pose(cs["translation"], cs["rotation"])
         e = ego[sd["ego_pose_token"]]
         poses.setdefault(channel, []).append((e["timestamp"] * 1000, pose(e["translation"], e["rotation"])))
+        if cs.get("camera_intrinsic"):
+            intrinsics[channel] = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
     return {"poses": {k: sorted(v, key=lambda p: p[0]) for k, v in poses.items()},
-            "sensor_to_ego": sensor_to_ego}
+            "sensor_to_ego": sensor_to_ego, "K": intrinsics}
 
 
 def tf_message(transforms):
@@ -245,3 +250,139 @@ def test_stamp_helpers_roundtrip_through_cdr():
     assert stamp_to_ns(SimpleNamespace(secs=3, nsecs=5)) == 3_000_000_005   # rospy style
     ros1 = MessageFactory.from_rosbags("ROS1_NOETIC")
     assert make_header(7, "f", ros1).seq == 0
+
+
+# ---- TfResolver: one policy over the replay backend and a tf2-like (node) backend --------------
+class FakeTime:
+    """rclpy.time.Time look-alike (what node.py hands tf2)."""
+
+    def __init__(self, *, nanoseconds: int = 0) -> None:
+        self.nanoseconds = nanoseconds
+
+
+class FakeDuration:
+    def __init__(self, *, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+
+
+class FakeTf2Exception(Exception):
+    """tf2_ros.TransformException look-alike: not a Clip2SceneError."""
+
+
+class FakeTf2Buffer:
+    """tf2_ros.Buffer's query API (Time arguments in, TransformStamped out, tf2 exceptions)
+    implemented over a TransformBuffer — test only, where ROS 2 cannot be installed."""
+
+    def __init__(self, buf: TransformBuffer) -> None:
+        self.buf = buf
+        self.calls: list[tuple] = []
+
+    def _frameExists(self, frame: str) -> bool:
+        return self.buf.has_frame(frame)
+
+    def _answer(self, query, target: str, source: str, stamp: FakeTime):
+        try:
+            T = query()
+        except TransformError as exc:
+            raise FakeTf2Exception(str(exc)) from None
+        return matrix_to_transform(T, FACTORY, target, source, stamp.nanoseconds)
+
+    def lookup_transform(self, target, source, time, timeout=None):
+        assert isinstance(time, FakeTime) and isinstance(timeout, FakeDuration)
+        self.calls.append(("lookup_transform", target, source, time.nanoseconds))
+        return self._answer(lambda: self.buf.lookup(target, source, time.nanoseconds), target, source, time)
+
+    def lookup_transform_full(self, target, target_time, source, source_time, fixed, timeout=None):
+        assert isinstance(target_time, FakeTime) and isinstance(source_time, FakeTime)
+        assert isinstance(timeout, FakeDuration)
+        self.calls.append(("lookup_transform_full", target, target_time.nanoseconds, source,
+                           source_time.nanoseconds, fixed))
+        return self._answer(lambda: self.buf.lookup_full(target, target_time.nanoseconds, source,
+                                                         source_time.nanoseconds, fixed),
+                            target, source, target_time)
+
+
+def node_backend(buf: TransformBuffer) -> Tf2Backend:
+    """What node.py builds over tf2_ros.Buffer, with the look-alikes."""
+    return Tf2Backend(FakeTf2Buffer(buf), lambda ns: FakeTime(nanoseconds=ns),
+                      FakeDuration(seconds=0.05), errors=(FakeTf2Exception,))
+
+
+def pixel_shift(K: np.ndarray, T_a: np.ndarray, T_b: np.ndarray, T_ref: np.ndarray) -> float:
+    """Median |uv_a - uv_b| (px) of points 5-40 m in front of the camera (placed with T_ref)."""
+    u, v, d = np.meshgrid(np.linspace(100, 1500, 8), np.linspace(100, 800, 6), [5.0, 10.0, 20.0, 40.0])
+    rays = np.linalg.inv(K) @ np.stack([u.ravel(), v.ravel(), np.ones(u.size)])
+    cam = rays * d.ravel()
+    lidar = inv(T_ref) @ np.vstack([cam, np.ones(cam.shape[1])])
+
+    def project(T):
+        p = (T @ lidar)[:3]
+        return (K @ p)[:2] / p[2]
+
+    return float(np.median(np.linalg.norm(project(T_a) - project(T_b), axis=0)))
+
+
+def test_resolver_is_one_policy_for_the_node_and_replay_backends(nuscenes):
+    """Same matrix from tf2's lookup_transform_full (node) and the bag's TransformBuffer (replay);
+    it is the motion-compensated chain, pixels away from the plain lookup on this moving car."""
+    buf = build_buffer(nuscenes, channels=tuple(nuscenes["poses"]))
+    s2e = nuscenes["sensor_to_ego"]
+    t_lidar, E_lidar = nuscenes["poses"]["LIDAR_TOP"][1]
+    node, replay = TfResolver(node_backend(buf), "auto"), TfResolver(buf, "auto")
+    tf2 = node.backend.buffer
+    assert node.active_fixed_frame() == replay.active_fixed_frame() == "map"
+    node_plain, replay_plain = TfResolver(node.backend, "none"), TfResolver(buf, "")
+    shifts = {}
+    for cam in sorted(c for c in s2e if c.startswith("CAM")):
+        t_cam, E_cam = nuscenes["poses"][cam][1]
+        T_node = node(cam, t_cam, "LIDAR_TOP", t_lidar)
+        T_replay = replay(cam, t_cam, "LIDAR_TOP", t_lidar)
+        np.testing.assert_allclose(T_node, T_replay, atol=1e-9)
+        assert tf2.calls[-1] == ("lookup_transform_full", cam, t_cam, "LIDAR_TOP", t_lidar, "map")
+        # independent: camera pose at the image stamp, LiDAR pose at the sweep stamp
+        np.testing.assert_allclose(T_replay, inv(E_cam @ s2e[cam]) @ E_lidar @ s2e["LIDAR_TOP"],
+                                   atol=1e-9)
+        # plain lookup at the image stamp: the rig calibration, for both backends alike
+        plain = node_plain(cam, t_cam, "LIDAR_TOP", t_lidar)
+        assert tf2.calls[-1] == ("lookup_transform", cam, "LIDAR_TOP", t_cam)
+        np.testing.assert_allclose(plain, replay_plain(cam, t_cam, "LIDAR_TOP", t_lidar), atol=1e-9)
+        np.testing.assert_allclose(plain, inv(s2e[cam]) @ s2e["LIDAR_TOP"], atol=1e-9)
+        shifts[cam] = pixel_shift(nuscenes["K"][cam], T_replay, plain, T_replay)
+    assert node.fallbacks == replay.fallbacks == 0
+    # the ego moved between the sweep and each exposure: compensation moves points by pixels
+    assert max(shifts.values()) > 5.0 and min(shifts.values()) > 0.5, shifts
+
+
+def test_resolver_falls_back_to_the_plain_lookup_the_same_way(nuscenes):
+    buf = build_buffer(nuscenes, channels=tuple(nuscenes["poses"]))
+    s2e = nuscenes["sensor_to_ego"]
+    rig = inv(s2e["CAM_FRONT"]) @ s2e["LIDAR_TOP"]
+    t_cam = nuscenes["poses"]["CAM_FRONT"][1][0]
+    t_lidar = nuscenes["poses"]["LIDAR_TOP"][1][0]
+    for make in (lambda b: b, node_backend):
+        # a fixed frame the tree lacks: plain lookup, counted, and why
+        why: list[str] = []
+        odom = TfResolver(make(buf), "odom", on_fallback=why.append)
+        np.testing.assert_allclose(odom("CAM_FRONT", t_cam, "LIDAR_TOP", t_lidar), rig, atol=1e-9)
+        assert odom.fallbacks == 1 and "'odom' is not in the TF tree" in why[0]
+        # the LiDAR pose is not buffered at the sweep stamp (a minute early): plain lookup
+        mapped = TfResolver(make(buf), "map", on_fallback=why.append)
+        np.testing.assert_allclose(mapped("CAM_FRONT", t_cam, "LIDAR_TOP", t_lidar - 60 * 10**9),
+                                   rig, atol=1e-9)
+        assert mapped.fallbacks == 1 and "'map'" in why[1] and "not available" in why[1]
+        # when the plain lookup fails too, the camera gets a TransformError (tf2's is converted)
+        with pytest.raises(TransformError, match="CAM_NOWHERE"):
+            mapped("CAM_NOWHERE", t_cam, "LIDAR_TOP", t_lidar)
+
+
+def test_tf2_backend_frame_check_without_frame_exists():
+    """Where a tf2 buffer lacks the private _frameExists, its YAML dump tells the frames."""
+    class YamlOnly:
+        def all_frames_as_yaml(self):
+            return ("base_link: {parent: 'map', broadcaster: 'default_authority', rate: 10.0}\n"
+                    "lidar_top: {parent: 'base_link', broadcaster: 'default_authority', rate: 10000.0}\n")
+
+    backend = Tf2Backend(YamlOnly(), lambda ns: ns, errors=(FakeTf2Exception,))
+    assert backend.has_frame("map") and backend.has_frame("lidar_top")
+    assert not backend.has_frame("odom")
+    assert TfResolver(backend, "auto").active_fixed_frame() == "map"
