@@ -1,0 +1,90 @@
+"""Clip2SceneNet: a 3D backbone plus the two 1×1 heads that map into CLIP's embedding space.
+
+CLIP2Scene trains the *local* head against pixel-level MaskCLIP features (semantic-spatial
+consistency) and the *global* head against text embeddings (semantic consistency); both
+output ``embed_dim`` channels per point. Outputs are raw (not L2-normalised): the losses
+and the segmenter normalise where their formulas need it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..voxelize import VoxelConfig
+from .batch import VoxelBatch
+from .minkunet import MINKUNET_VARIANTS, MinkUNet
+from .spvcnn import SPVCNN
+
+BACKBONES = ("minkunet14a", "minkunet18", "minkunet34", "spvcnn")
+
+
+@dataclass
+class ModelConfig:
+    """What ``build_model`` builds; ``in_channels`` must equal ``voxel.num_channels``."""
+
+    backbone: Literal["minkunet14a", "minkunet18", "minkunet34", "spvcnn"] = "minkunet34"
+    in_channels: int = 1
+    embed_dim: int = 512              # CLIP embedding dimension (ViT-B/16: 512, RN50: 1024)
+    width_multiplier: float = 1.0     # tests use small widths
+    voxel: VoxelConfig = field(default_factory=VoxelConfig)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone {self.backbone!r} is not one of {list(BACKBONES)}")
+        if self.in_channels < 1 or self.embed_dim < 1:
+            raise ConfigError(f"model.in_channels / embed_dim must be ≥ 1, got {self.in_channels}, {self.embed_dim}")
+        if not self.width_multiplier > 0:
+            raise ConfigError(f"model.width_multiplier must be > 0, got {self.width_multiplier}")
+        if self.voxel.num_channels != self.in_channels:
+            raise ConfigError(
+                f"model.in_channels={self.in_channels} but voxel.features {self.voxel.features} "
+                f"give {self.voxel.num_channels} channels")
+
+
+@dataclass
+class NetOutput:
+    """Per kept point (rows as ``VoxelBatch`` / ``Voxels.point_mask``)."""
+
+    local: torch.Tensor     # (N_kept, D) local head: matched to MaskCLIP pixel features
+    global_: torch.Tensor   # (N_kept, D) global head: matched to text embeddings
+    features: torch.Tensor  # (N_kept, F) backbone features
+
+
+class Clip2SceneNet(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        if cfg.backbone == "spvcnn":
+            self.backbone: nn.Module = SPVCNN(cfg.in_channels, cfg.width_multiplier)
+        else:
+            self.backbone = MinkUNet(cfg.in_channels, cfg.backbone, cfg.width_multiplier)
+        f = self.backbone.out_channels
+        self.local_head = nn.Linear(f, cfg.embed_dim)
+        self.global_head = nn.Linear(f, cfg.embed_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.backbone.out_channels)
+
+    def forward(self, batch: VoxelBatch) -> NetOutput:
+        if batch.features.shape[1] != self.config.in_channels:
+            raise ConfigError(
+                f"batch has {batch.features.shape[1]} feature channels, model expects "
+                f"{self.config.in_channels} (voxel.features {self.config.voxel.features})")
+        feats = self.backbone(batch)
+        local, glob = self.local_head(feats), self.global_head(feats)
+        if not self.backbone.point_wise:   # heads on voxels (fewer rows), then voxel → point
+            inv = batch.inverse
+            feats, local, glob = feats[inv], local[inv], glob[inv]
+        return NetOutput(local=local, global_=glob, features=feats)
+
+
+def build_model(cfg: ModelConfig) -> Clip2SceneNet:
+    """Randomly initialised network for ``cfg`` (load weights with ``load_state_dict``)."""
+    if cfg.backbone != "spvcnn" and cfg.backbone not in MINKUNET_VARIANTS:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}")
+    return Clip2SceneNet(cfg)

@@ -1,0 +1,83 @@
+"""SPVCNN (Tang et al. 2020): a sparse voxel U-Net plus a point branch, as in SPVNAS/torchsparse.
+
+Module names and widths follow SPVNAS's ``SPVCNN`` (``stem``, ``stage1..4``, ``up1..4``,
+``point_transforms``); the class layer is left to ``Clip2SceneNet``. The point branch runs
+on the real points (``VoxelBatch.point_coords``/``point_features``), fused with the voxel
+branch after the stem, the encoder, and the second and fourth decoder stages.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..sparse import BatchNorm, Conv3d, ReLU, SparseTensor, cat
+from ..sparse.points import PointTensor, point_to_voxel, voxel_to_point
+from .batch import VoxelBatch
+from .blocks import BasicConvolutionBlock, BasicDeconvolutionBlock, ResidualBlock
+
+SPVCNN_CHANNELS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+
+
+class SPVCNN(nn.Module):
+    """Point-wise backbone: ``forward(batch) → (N_kept, out_channels)`` features per point."""
+
+    point_wise = True
+
+    def __init__(self, in_channels: int, width_multiplier: float = 1.0, dropout: float = 0.3) -> None:
+        super().__init__()
+        cs = [max(1, int(round(width_multiplier * c))) for c in SPVCNN_CHANNELS]
+        self.stem = nn.Sequential(
+            Conv3d(in_channels, cs[0], kernel_size=3, stride=1), BatchNorm(cs[0]), ReLU(True),
+            Conv3d(cs[0], cs[0], kernel_size=3, stride=1), BatchNorm(cs[0]), ReLU(True))
+        self.stage1 = nn.Sequential(BasicConvolutionBlock(cs[0], cs[0], ks=2, stride=2),
+                                    ResidualBlock(cs[0], cs[1]), ResidualBlock(cs[1], cs[1]))
+        self.stage2 = nn.Sequential(BasicConvolutionBlock(cs[1], cs[1], ks=2, stride=2),
+                                    ResidualBlock(cs[1], cs[2]), ResidualBlock(cs[2], cs[2]))
+        self.stage3 = nn.Sequential(BasicConvolutionBlock(cs[2], cs[2], ks=2, stride=2),
+                                    ResidualBlock(cs[2], cs[3]), ResidualBlock(cs[3], cs[3]))
+        self.stage4 = nn.Sequential(BasicConvolutionBlock(cs[3], cs[3], ks=2, stride=2),
+                                    ResidualBlock(cs[3], cs[4]), ResidualBlock(cs[4], cs[4]))
+        self.up1 = nn.ModuleList([BasicDeconvolutionBlock(cs[4], cs[5], ks=2, stride=2),
+                                  nn.Sequential(ResidualBlock(cs[5] + cs[3], cs[5]), ResidualBlock(cs[5], cs[5]))])
+        self.up2 = nn.ModuleList([BasicDeconvolutionBlock(cs[5], cs[6], ks=2, stride=2),
+                                  nn.Sequential(ResidualBlock(cs[6] + cs[2], cs[6]), ResidualBlock(cs[6], cs[6]))])
+        self.up3 = nn.ModuleList([BasicDeconvolutionBlock(cs[6], cs[7], ks=2, stride=2),
+                                  nn.Sequential(ResidualBlock(cs[7] + cs[1], cs[7]), ResidualBlock(cs[7], cs[7]))])
+        self.up4 = nn.ModuleList([BasicDeconvolutionBlock(cs[7], cs[8], ks=2, stride=2),
+                                  nn.Sequential(ResidualBlock(cs[8] + cs[0], cs[8]), ResidualBlock(cs[8], cs[8]))])
+        self.point_transforms = nn.ModuleList([
+            nn.Sequential(nn.Linear(cs[0], cs[4]), nn.BatchNorm1d(cs[4]), nn.ReLU(True)),
+            nn.Sequential(nn.Linear(cs[4], cs[6]), nn.BatchNorm1d(cs[6]), nn.ReLU(True)),
+            nn.Sequential(nn.Linear(cs[6], cs[8]), nn.BatchNorm1d(cs[8]), nn.ReLU(True)),
+        ])
+        self.dropout = nn.Dropout(dropout)
+        self.out_channels = cs[8]
+        for m in self.modules():
+            if isinstance(m, (nn.BatchNorm1d,)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, batch: VoxelBatch) -> torch.Tensor:
+        # The initial voxelisation (mean of point features per voxel) is ``voxelize``'s job.
+        x0 = SparseTensor(batch.features, batch.coords)
+        z = PointTensor(batch.point_features, batch.point_coords)
+        x0 = self.stem(x0)
+        z0 = voxel_to_point(x0, z)
+        x1 = self.stage1(point_to_voxel(x0, z0))
+        x2 = self.stage2(x1)
+        x3 = self.stage3(x2)
+        x4 = self.stage4(x3)
+        z1 = voxel_to_point(x4, z0)
+        z1 = z1.replace(z1.feats + self.point_transforms[0](z0.feats))
+        y1 = point_to_voxel(x4, z1)
+        y1 = y1.replace(self.dropout(y1.feats))
+        y1 = self.up1[1](cat([self.up1[0](y1), x3]))
+        y2 = self.up2[1](cat([self.up2[0](y1), x2]))
+        z2 = voxel_to_point(y2, z1)
+        z2 = z2.replace(z2.feats + self.point_transforms[1](z1.feats))
+        y3 = point_to_voxel(y2, z2)
+        y3 = y3.replace(self.dropout(y3.feats))
+        y3 = self.up3[1](cat([self.up3[0](y3), x1]))
+        y4 = self.up4[1](cat([self.up4[0](y3), x0]))
+        z3 = voxel_to_point(y4, z2)
+        return z3.feats + self.point_transforms[2](z2.feats)
