@@ -19,20 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .device import resolve_device
 from .errors import CheckpointError, ConfigError, EmptyPointCloudError
 from .types import CameraFrame, Scan
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is a ConfigError."""
-    if isinstance(device, torch.device):
-        return device
-    if device in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' asked for but CUDA is not available")
-    return dev
 
 
 @dataclass

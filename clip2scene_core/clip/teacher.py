@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
+from ..device import resolve_device
 from .maskclip import MaskClipOptions, dense_forward, vision_kind, vision_stride
 from .preprocess import (OPENAI_MEAN, OPENAI_STD, ImageGeometry, PreprocessConfig,
                          preprocess_images, sample_grid)
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".tar")
 _TEXT_BATCH = 256
 _IMAGE_BATCH = 8
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" → CUDA when available, else CPU."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid device {device!r}: {exc}") from exc
 
 
 def _looks_like_path(weights: str) -> bool:
