@@ -1,0 +1,1 @@
+"""Training engine: configs, teacher cache, data pipeline, objectives, loop, DDP helpers."""

@@ -1,0 +1,118 @@
+"""Pieces the three CLIs share: vocabulary, teacher + text embeddings, the teacher pass,
+loading a pre-trained network, writing the deployable checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from clip2scene_core.config import from_dict, to_dict
+from clip2scene_core.errors import CheckpointError, ConfigError
+
+from .config import TeacherConfig, VocabConfig
+from .data import Subset
+from .distributed import DistInfo, barrier
+from .state import STATE_FORMAT, load_state
+from .teacher_cache import Preprocess, TeacherCache, teacher_identity
+
+log = logging.getLogger("clip2scene.training")
+
+
+def build_vocabulary(cfg: VocabConfig):
+    from clip2scene_core.clip.vocabulary import Vocabulary
+
+    if cfg.names:
+        return Vocabulary.from_names(cfg.names)
+    if cfg.preset:
+        return Vocabulary.preset(cfg.preset)
+    raise ConfigError("vocabulary: give a preset or a list of names")
+
+
+def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu"):
+    """The frozen CLIP teacher: real weights, or a small random tower for demos/tests."""
+    from clip2scene_core.clip import ClipTeacher, PreprocessConfig
+
+    pre = from_dict(PreprocessConfig, dict(cfg.preprocess), "teacher.preprocess")
+    if cfg.random_init:
+        return ClipTeacher.from_config(dict(cfg.model_cfg), device=device, model_name=cfg.model_name,
+                                       seed=cfg.seed, preprocess=pre)
+    return ClipTeacher.from_pretrained(cfg.model_name, cfg.weights, device=device, preprocess=pre)
+
+
+def text_embeddings(teacher, vocab, cfg: TeacherConfig) -> torch.Tensor:
+    emb = teacher.text_embeddings(vocab, cfg.templates, cache_dir=cfg.text_cache_dir)
+    return F.normalize(emb.detach().float().cpu(), dim=1)
+
+
+def clip_model_name(teacher: Any, cfg: TeacherConfig) -> str:
+    return str(getattr(teacher, "model_name", cfg.model_name))
+
+
+def make_cache(teacher: Any, cfg: TeacherConfig) -> TeacherCache:
+    ident, pre = teacher_identity(teacher)
+    return TeacherCache(cfg.cache_dir, ident, Preprocess(pre, cfg.min_depth))
+
+
+def run_teacher_pass(reader: Sequence[Any], teacher: Any, cache: TeacherCache, text_emb: torch.Tensor,
+                     dist: DistInfo, num_workers: int = 0, progress: bool = True) -> dict[str, int]:
+    """Fill the cache (each rank a shard of the samples), then wait for all ranks."""
+    mine = list(range(dist.rank, len(reader), dist.world_size))
+    sub = Subset(reader, mine)
+    loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         collate_fn=lambda s: s)
+    stats = cache.build(loader, teacher, text_emb, total=len(sub), progress=progress and dist.is_main)
+    barrier(dist)
+    return stats
+
+
+# ----------------------------------------------------------------------------- loading
+def read_any_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training state (``last.pt``) or a deployable checkpoint → plain pieces:
+    ``model_config`` (ModelConfig), ``net_state`` (backbone+heads), ``vocabulary``,
+    ``text_embeddings`` (K, D), ``clip_model``, ``kind``, ``extra``."""
+    from clip2scene_core.clip.vocabulary import Vocabulary
+    from clip2scene_core.models import ModelConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    if isinstance(raw, dict) and raw.get("format") == STATE_FORMAT:
+        st = load_state(path)
+        model_state = st["model"]
+        emb = st["text_embeddings"]
+        if st.get("kind") == "finetune":
+            net_state = {k[4:]: v for k, v in model_state.items() if k.startswith("net.")}
+            if "text" in model_state:
+                emb = model_state["text"]
+        else:
+            net_state = model_state
+        return {"model_config": from_dict(ModelConfig, st["model_config"], "model_config"),
+                "net_state": net_state, "vocabulary": Vocabulary.from_dict(st["vocabulary"]),
+                "text_embeddings": F.normalize(emb.float(), dim=1), "clip_model": st.get("clip_model", ""),
+                "kind": st.get("kind"), "extra": {"epoch": st.get("epoch"), "history": st.get("history", [])}}
+    ck = load_checkpoint(path)
+    return {"model_config": ck.model_config, "net_state": ck.state_dict, "vocabulary": ck.vocabulary,
+            "text_embeddings": ck.text_embeddings, "clip_model": ck.clip_model,
+            "kind": ck.extra.get("kind", "deployable"), "extra": dict(ck.extra)}
+
+
+def write_deployable(path: str | Path, model_config, net_state: dict[str, torch.Tensor], vocabulary,
+                     text_emb: torch.Tensor, clip_model: str, extra: dict[str, Any]) -> Path:
+    """The one-file checkpoint the node, the replay tool and evaluation load."""
+    ck = Checkpoint(model_config=model_config, state_dict={k: v.detach().cpu() for k, v in net_state.items()},
+                    vocabulary=vocabulary, text_embeddings=F.normalize(text_emb.detach().float().cpu(), dim=1),
+                    clip_model=clip_model, extra=to_dict(extra))
+    save_checkpoint(path, ck)
+    return Path(path)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

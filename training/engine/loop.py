@@ -1,0 +1,208 @@
+"""The epoch loop shared by pre-training and fine-tuning.
+
+* a state file after every epoch (and every ``save_every_steps``, and on SIGTERM), written
+  atomically, so SIGKILL loses at most one epoch;
+* ``resume`` restarts at the saved (epoch, step) with the saved RNG states; batches and
+  augmentations are functions of (seed, epoch, index), so a resumed CPU run is bitwise equal
+  to an uninterrupted one;
+* DDP: every rank runs the same number of steps; rank 0 writes files and logs;
+* TensorBoard scalars and tqdm progress on rank 0.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import OptimConfig, RunConfig
+from .data import Batch, TrainDataset, epoch_batches, make_loader
+from .distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from .state import StopFlag, capture_rng, load_state, restore_rng, save_state
+
+StepFn = Callable[[torch.nn.Module, Batch, int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Interrupted(SystemExit):
+    """Raised after the state was saved on SIGTERM; exit status 143 (128 + SIGTERM)."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+def lr_at(cfg: OptimConfig, epoch: int) -> float:
+    """Learning rate of ``epoch`` (cosine over ``epochs`` after a linear warm-up)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    span = max(cfg.epochs - cfg.warmup_epochs, 1)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+
+
+def build_sgd(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    state_path: Path | None = None
+
+
+class Trainer:
+    """Runs ``step_fn`` over ``dataset`` for ``optim.epochs`` epochs with checkpoint/resume."""
+
+    def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn,
+                 dataset: TrainDataset, voxel_cfg, optim: OptimConfig, run: RunConfig, dist: DistInfo,
+                 kind: str, payload: Callable[[], dict[str, Any]] | None = None,
+                 epoch_end: Callable[[int], dict[str, float]] | None = None) -> None:
+        self.model, self.optimizer, self.step_fn = model, optimizer, step_fn
+        self.dataset, self.voxel_cfg, self.optim, self.run, self.dist = dataset, voxel_cfg, optim, run, dist
+        self.kind = kind
+        self.payload = payload or (lambda: {})
+        self.epoch_end = epoch_end
+        self.out_dir = Path(run.out_dir)
+        self.state_path = self.out_dir / "last.pt"
+        self.generator = torch.Generator().manual_seed(run.seed + 1)   # self-training coins
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}     # running sums of the current epoch (kept across resume)
+        self._count = 0
+        self._writer = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "rng": capture_rng({"self_training": self.generator}),
+            "history": self.history,
+            "epoch_sums": dict(self._sums), "epoch_count": self._count,
+            "world_size": self.dist.world_size,
+            **self.payload(),
+        }
+
+    def save(self, path: Path | None = None) -> None:
+        if self.dist.is_main:
+            save_state(path or self.state_path, self.state_dict())
+        barrier(self.dist)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default ``out_dir/last.pt``); False when there is nothing to resume."""
+        path = Path(path) if path else self.state_path
+        if not path.is_file():
+            return False
+        st = load_state(path, map_location="cpu")   # RNG states must stay CPU tensors
+        if st.get("kind") != self.kind:
+            from clip2scene_core.errors import CheckpointError
+            raise CheckpointError(f"{path} is a '{st.get('kind')}' state, not '{self.kind}'")
+        unwrap(self.model).load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+        self.history = list(st.get("history", []))
+        self._sums = dict(st.get("epoch_sums", {}))
+        self._count = int(st.get("epoch_count", 0))
+        if self.step_in_epoch and st.get("world_size", 1) != self.dist.world_size:
+            # batches of an epoch depend on the world size: restart this epoch from its start
+            import logging
+            logging.getLogger("clip2scene.training").warning(
+                "resuming mid-epoch with %d processes instead of %d: epoch %d restarts",
+                self.dist.world_size, st.get("world_size", 1), self.epoch + 1)
+            self.step_in_epoch = 0
+            self._sums, self._count = {}, 0
+        restore_rng(st["rng"], {"self_training": self.generator})
+        return True
+
+    # ------------------------------------------------------------------ logging
+    @property
+    def writer(self):
+        if self._writer is None and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+        return self._writer
+
+    def _log(self, scalars: dict[str, float], step: int, prefix: str) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        from tqdm import tqdm
+
+        stop = StopFlag()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        epochs_run = 0
+        try:
+            while self.epoch < self.optim.epochs:
+                epoch = self.epoch
+                lr = lr_at(self.optim, epoch)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.dataset.set_epoch(epoch)
+                batches = epoch_batches(len(self.dataset), self.optim.batch_size, epoch, self.run.seed,
+                                        self.dist.rank, self.dist.world_size)
+                todo = batches[self.step_in_epoch:]
+                loader = make_loader(self.dataset, todo, self.voxel_cfg, self.run.num_workers)
+                bar = tqdm(loader, total=len(todo), initial=0, disable=not (self.run.progress and self.dist.is_main),
+                           desc=f"{self.kind} epoch {epoch + 1}/{self.optim.epochs}", leave=False)
+                sums = self._sums
+                self.model.train()
+                t0 = time.perf_counter()
+                for batch in bar:
+                    batch = batch.to(self.dist.device)
+                    loss, scalars = self.step_fn(self.model, batch, epoch, self.generator)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+                    self.optimizer.step()
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    scalars = {"loss": float(loss.detach()), **scalars}
+                    for k, v in scalars.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    self._count += 1
+                    if self.dist.is_main:
+                        bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+                        if self.run.log_every and self.global_step % self.run.log_every == 0:
+                            self._log({**scalars, "lr": lr}, self.global_step, "train")
+                    if self.run.save_every_steps and self.global_step % self.run.save_every_steps == 0 \
+                            and self.step_in_epoch < len(batches):
+                        self.save()
+                    flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.dist.device)
+                    if float(all_reduce_sum(flag, self.dist)) > 0:
+                        self.save()
+                        raise Interrupted()
+                bar.close()
+                means = {k: v / max(self._count, 1) for k, v in sums.items()}
+                self._sums, self._count = {}, 0
+                means["lr"] = lr
+                means["epoch_seconds"] = time.perf_counter() - t0
+                self.epoch += 1
+                self.step_in_epoch = 0
+                if self.epoch_end is not None:
+                    means.update(self.epoch_end(epoch))
+                means["epoch"] = float(epoch)
+                self.history.append(means)
+                self._log(means, epoch, "epoch")
+                self.save()
+                epochs_run += 1
+            if self.run.save_rank_states:
+                from clip2scene_core.checkpoint import atomic_torch_save
+                atomic_torch_save(unwrap(self.model).state_dict(), self.out_dir / f"rank{self.dist.rank}_model.pt")
+        finally:
+            stop.restore()
+            if self._writer is not None:
+                self._writer.flush()
+                self._writer.close()
+                self._writer = None
+        return TrainResult(epochs_run, self.history, self.state_path)

@@ -1,0 +1,118 @@
+"""Training resume state: seeding, RNG capture/restore, atomic state files, SIGTERM.
+
+The state file (``<out_dir>/last.pt``) is training's own (optimizer, epoch, step, RNG); the
+deployable checkpoint for the node is written separately with
+``clip2scene_core.checkpoint.save_checkpoint``. Everything is stored as tensors and plain
+Python so it loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip2scene_core.checkpoint import atomic_torch_save
+from clip2scene_core.errors import CheckpointError
+
+STATE_FORMAT = "clip2scene-train-state"
+STATE_VERSION = 1
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; ask for deterministic kernels (bitwise resume on CPU)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def restore_determinism(previous: tuple[bool, bool]) -> None:
+    """Undo ``seed_everything``'s global switch (``run`` may be called inside a larger program)."""
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def determinism_state() -> tuple[bool, bool]:
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+def save_state(path: str | Path, payload: dict[str, Any]) -> None:
+    """Atomic write (temporary file + fsync + rename): a kill never leaves a torn state file."""
+    atomic_torch_save({"format": STATE_FORMAT, "version": STATE_VERSION, **payload}, path)
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"training state {path} is corrupt: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a clip2scene training state")
+    if data.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: training state version {data.get('version')} is not supported")
+    return data
+
+
+class StopFlag:
+    """Set by SIGTERM (and SIGINT when asked): the loop checkpoints and leaves at the next step."""
+
+    def __init__(self, catch_sigint: bool = False) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        sigs = [signal.SIGTERM] + ([signal.SIGINT] if catch_sigint else [])
+        for s in sigs:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:      # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()

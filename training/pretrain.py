@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""CLIP2Scene pre-training: MaskCLIP teacher pass (cached), then SCR + SSR on the 3D network.
+
+    python training/pretrain.py --config config/pretrain_demo.yaml
+    python training/pretrain.py --config config/pretrain_nuscenes.yaml --resume
+    torchrun --nproc_per_node=8 training/pretrain.py --config config/pretrain_nuscenes.yaml
+    torchrun --nnodes=2 --node_rank=0 --master_addr=host0 --nproc_per_node=8 training/pretrain.py ...
+
+Writes ``<out_dir>/last.pt`` (resume state, every epoch and on SIGTERM), ``<out_dir>/tb``
+(TensorBoard) and ``<out_dir>/model.pt`` (deployable checkpoint for the node / replay).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:          # runnable from the repo root without installing
+    sys.path.insert(0, str(_ROOT))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+import torch  # noqa: E402
+
+from clip2scene_core.config import to_dict  # noqa: E402
+from clip2scene_core.errors import Clip2SceneError, ConfigError  # noqa: E402
+from training.engine.config import PretrainConfig, load_training_config  # noqa: E402
+
+log = logging.getLogger("clip2scene.pretrain")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML file (config/pretrain_*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.epochs=2 (repeatable)")
+    p.add_argument("--teacher-only", action="store_true", help="fill the teacher cache and stop")
+    return p.parse_args(argv)
+
+
+def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *, reader=None,
+        teacher=None) -> dict:
+    """Teacher pass + training. ``reader`` (a ``Sequence[Sample]``) and ``teacher`` (anything
+    with ``pixel_features``/``text_embeddings``) replace the configured ones when given."""
+    from clip2scene_core.models import build_model
+    from training.engine import common
+    from training.engine.data import Subset, TrainDataset, build_reader
+    from training.engine.distributed import cleanup, init_distributed, unwrap, wrap_ddp
+    from training.engine.loop import Trainer, build_sgd
+    from training.engine.objectives import PretrainObjective
+    from training.engine.state import determinism_state, restore_determinism, seed_everything
+
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    dist = init_distributed(cfg.run.device)
+    previous = determinism_state()
+    try:
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        vocab = common.build_vocabulary(cfg.vocabulary)
+        reader = reader if reader is not None else build_reader(cfg.data, Path.cwd())
+        if cfg.data.indices is not None:
+            reader = Subset(reader, cfg.data.indices)
+
+        # 1. teacher pass (MaskCLIP once per image), then the teacher leaves the GPU
+        tdev = dist.device if cfg.teacher.device == "auto" else cfg.teacher.device
+        teacher = teacher if teacher is not None else common.build_teacher(cfg.teacher, tdev)
+        text_emb = common.text_embeddings(teacher, vocab, cfg.teacher)
+        if text_emb.shape[1] != cfg.model.embed_dim:
+            raise ConfigError(f"model.embed_dim={cfg.model.embed_dim} but the teacher's embeddings have "
+                              f"{text_emb.shape[1]} dimensions")
+        cache = common.make_cache(teacher, cfg.teacher)
+        stats = common.run_teacher_pass(reader, teacher, cache, text_emb, dist, cfg.run.num_workers,
+                                        cfg.run.progress)
+        clip_model = common.clip_model_name(teacher, cfg.teacher)
+        del teacher
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if dist.is_main:
+            log.info("teacher pass: %s", stats)
+        if teacher_only:
+            return {"teacher": stats}
+
+        # 2. 3D network
+        seed_everything(cfg.run.seed, cfg.run.deterministic)   # same init whatever the teacher drew
+        net = build_model(cfg.model).to(dist.device)
+        model = wrap_ddp(net, dist)
+        optimizer = build_sgd(model.parameters(), cfg.optim)
+        dataset = TrainDataset(reader, cfg.data, cfg.run.seed, cfg.model.embed_dim, cache, text_emb, augment=True)
+        payload = lambda: {"config": to_dict(cfg), "model_config": to_dict(cfg.model),  # noqa: E731
+                           "vocabulary": vocab.to_dict(), "text_embeddings": text_emb,
+                           "clip_model": clip_model}
+        trainer = Trainer(model=model, optimizer=optimizer, step_fn=PretrainObjective(cfg.loss, text_emb),
+                          dataset=dataset, voxel_cfg=cfg.model.voxel, optim=cfg.optim, run=cfg.run, dist=dist,
+                          kind="pretrain", payload=payload)
+        if resume and trainer.resume():
+            log.info("resumed at epoch %d step %d", trainer.epoch, trainer.step_in_epoch)
+        result = trainer.fit()
+        deploy = Path(cfg.run.out_dir) / "model.pt"
+        if dist.is_main:
+            common.write_deployable(deploy, cfg.model, unwrap(model).state_dict(), vocab, text_emb, clip_model,
+                                    {"kind": "pretrain", "epochs": cfg.optim.epochs,
+                                     "history": result.history, "head": "local"})
+        return {"teacher": stats, "history": result.history, "state": str(trainer.state_path),
+                "checkpoint": str(deploy)}
+    finally:
+        restore_determinism(previous)
+        cleanup(dist)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_training_config(PretrainConfig, args.config, args.overrides)
+        out = run(cfg, resume=args.resume, teacher_only=args.teacher_only)
+    except (Clip2SceneError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    if out.get("history"):
+        last = out["history"][-1]
+        log.info("done: %s", {k: round(v, 4) for k, v in last.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
