@@ -19,7 +19,7 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt setup.py
 venv: $(VENV)/.stamp
 
 demo: venv
-	$(PY) -m clip2scene_core.demo --out $(OUT)
+	$(PY) -m clip2scene_ros.demo --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 test: venv
 	$(PY) -m pytest -q test

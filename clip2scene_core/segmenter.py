@@ -29,8 +29,11 @@ class SegmenterConfig:
     """Run-time options (not stored in the checkpoint)."""
 
     device: str = "auto"
-    head: Literal["local", "global", "both"] = "local"
-    logit_scale: float = 100.0          # CLIP's temperature: softmax(100 · cosine)
+    # Which head classifies and the softmax scale of its cosine logits. None: what the
+    # checkpoint says it was trained with (extra["head"] / extra["logit_scale"]), else
+    # the local head and CLIP's own scale of 100.
+    head: Literal["local", "global", "both"] | None = None
+    logit_scale: float | None = None
     camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
     camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
     min_depth: float = 0.5              # metres in front of a camera to count as seen
@@ -62,6 +65,10 @@ class Segmenter:
         self.clip_model = clip_model
         self.teacher = teacher
         self.extra = dict(extra or {})
+        self.head = self.config.head or str(self.extra.get("head", "local"))
+        if self.head not in ("local", "global", "both"):
+            raise ConfigError(f"unknown head '{self.head}' (local, global or both)")
+        self.logit_scale = float(self.config.logit_scale or self.extra.get("logit_scale", 100.0))
         self._lock = threading.Lock()
         self._vocab = None  # (Vocabulary, (K, D) tensor on device), swapped atomically
         self._install_vocabulary(vocabulary, text_embeddings)
@@ -152,14 +159,14 @@ class Segmenter:
 
     # ------------------------------------------------------------------- inference
     def _point_logits(self, out, emb: torch.Tensor) -> torch.Tensor:
-        head = self.config.head
+        head = self.head
         if head == "local":
             feats = F.normalize(out.local, dim=1)
         elif head == "global":
             feats = F.normalize(out.global_, dim=1)
         else:
             feats = F.normalize(F.normalize(out.local, dim=1) + F.normalize(out.global_, dim=1), dim=1)
-        return self.config.logit_scale * feats @ emb.t()
+        return self.logit_scale * feats @ emb.t()
 
     def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
                       emb: torch.Tensor, info: dict) -> torch.Tensor:
@@ -177,7 +184,7 @@ class Segmenter:
             dense, geo = self.teacher.dense_features_with_geometry(cam.image)
             idx = idx[geo.inside(proj.uv[idx])]  # the teacher may crop the image borders
             feats = sample_grid(dense[0], proj.uv[idx], geo).to(probs.device)
-            logits = self.config.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
+            logits = self.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
             t_idx = torch.as_tensor(idx, device=probs.device)
             seen_sum.index_add_(0, t_idx, logits.softmax(dim=1))
             seen_cnt.index_add_(0, t_idx, torch.ones(idx.size, device=probs.device))

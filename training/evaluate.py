@@ -65,7 +65,7 @@ def evaluate_segmenter(segmenter, samples: Sequence[Any], heads: Sequence[str] =
         if m is not None:
             gt = np.where(gt >= 0, m[np.clip(gt, 0, None)], -1)
         for h in heads:
-            segmenter.config.head = h
+            segmenter.head = h
             res = segmenter.segment(sample.scan)
             cms[h].update(res.labels, gt)
         used += 1

@@ -149,7 +149,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
             common.write_deployable(deploy, model_cfg, m.net.state_dict(), vocab, m.class_embeddings(), clip_model,
                                     {"kind": "finetune", "finetuned": True, "label_fraction": cfg.label_fraction,
                                      "samples_used": len(reader), "scenes_used": scenes_used,
-                                     "history": result.history, "head": "local"})
+                                     "history": result.history, "head": "local",
+                                     "logit_scale": cfg.loss.logit_scale})
         return {"history": result.history, "state": str(trainer.state_path), "checkpoint": str(deploy),
                 "samples_used": len(reader), "scenes_used": scenes_used}
     finally:

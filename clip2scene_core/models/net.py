@@ -1,8 +1,10 @@
 """Clip2SceneNet: a 3D backbone plus the two 1×1 heads that map into CLIP's embedding space.
 
-CLIP2Scene trains the *local* head against pixel-level MaskCLIP features (semantic-spatial
-consistency) and the *global* head against text embeddings (semantic consistency); both
-output ``embed_dim`` channels per point. Outputs are raw (not L2-normalised): the losses
+In training (``training/engine/objectives.py``) the *local* head takes the Semantic
+Consistency Regularization (per point, against the text embedding of its pixel's MaskCLIP
+pseudo-label, Eq. 1) and the *global* head the Semantic-guided Spatial-Temporal Consistency
+(per grid cell, against the text-guided fusion of pixel and point features, Eq. 2-4); both
+output ``embed_dim`` channels per point and either can classify against text embeddings. Outputs are raw (not L2-normalised): the losses
 and the segmenter normalise where their formulas need it.
 """
 from __future__ import annotations
@@ -49,8 +51,8 @@ class ModelConfig:
 class NetOutput:
     """Per kept point (rows as ``VoxelBatch`` / ``Voxels.point_mask``)."""
 
-    local: torch.Tensor     # (N_kept, D) local head: matched to MaskCLIP pixel features
-    global_: torch.Tensor   # (N_kept, D) global head: matched to text embeddings
+    local: torch.Tensor     # (N_kept, D) local head: SCR, point ↔ text of its pixel pseudo-label
+    global_: torch.Tensor   # (N_kept, D) global head: SSR, grid ↔ fused pixel/point features
     features: torch.Tensor  # (N_kept, F) backbone features
 
 

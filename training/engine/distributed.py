@@ -30,13 +30,10 @@ class DistInfo:
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """"auto" → this process's GPU when CUDA is available, else CPU."""
-    if device in ("auto", "", None):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from clip2scene_core.device import resolve_device as resolve
+
+    dev = resolve(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            from clip2scene_core.errors import ConfigError
-            raise ConfigError(f"device '{device}' asked for but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
