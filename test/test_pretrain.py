@@ -34,7 +34,17 @@ def _tiny_cfg(tmp: Path, out: str):
         "optim.epochs=3", "optim.batch_size=1",
         "loss.self_training.switch_epoch=1", "loss.self_training.mode=point",
         f"teacher.cache_dir={tmp / 'cache'}", f"run.out_dir={tmp / out}", "run.progress=false",
+        # bitwise comparisons across processes need the same CPU reduction order
+        "run.num_threads=1",
     ])
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The runs below pin torch to one thread; give later tests their thread count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _overrides(cfg) -> list[str]:
@@ -42,7 +52,7 @@ def _overrides(cfg) -> list[str]:
     return [f"data.args.root={d['data']['args']['root']}", "data.args.cameras=[CAM_FRONT]", "data.indices=[0, 1]",
             "data.max_points=1500", "optim.epochs=3", "optim.batch_size=1", "loss.self_training.switch_epoch=1",
             "loss.self_training.mode=point", f"teacher.cache_dir={d['teacher']['cache_dir']}",
-            f"run.out_dir={d['run']['out_dir']}", "run.progress=false"]
+            f"run.out_dir={d['run']['out_dir']}", "run.progress=false", "run.num_threads=1"]
 
 
 def _assert_same_state(a: Path, b: Path) -> None:
