@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # an offline machine's download retries are noise here: the outcome is reported below
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     out = args.out.resolve()
