@@ -6,8 +6,6 @@ checkpoint, and read with ``weights_only=True`` so loading never executes pickle
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_torch_save
 from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 
@@ -30,23 +29,6 @@ class Checkpoint:
     text_embeddings: torch.Tensor         # (K, D), L2-normalised, K = len(vocabulary.class_names)
     clip_model: str                       # open_clip model name that produced the embeddings
     extra: dict[str, Any] = field(default_factory=dict)  # plain data: provenance, metrics
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:

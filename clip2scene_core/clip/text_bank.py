@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_torch_save
 from ..errors import CheckpointError, ConfigError
 from .prompts import DEFAULT_TEMPLATES, build_prompts, resolve_templates
 from .vocabulary import Vocabulary
@@ -127,18 +127,7 @@ def save_text_embeddings(path: str | Path, vocab: Vocabulary, emb: Tensor, model
     """Write an embedding file atomically (temporary file + rename)."""
     te = TextEmbeddings(vocab, emb.detach().float().cpu(), model_name, weights_id,
                         tuple(resolve_templates(templates)) if templates else ())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(te.to_dict(), tmp)
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; cache files may be shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(te.to_dict(), path)
 
 
 def load_text_embeddings(path: str | Path, model_name: str | None = None,

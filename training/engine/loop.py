@@ -197,7 +197,7 @@ class Trainer:
                 self.save()
                 epochs_run += 1
             if self.run.save_rank_states:
-                from clip2scene_core.checkpoint import atomic_torch_save
+                from clip2scene_core.atomic import atomic_torch_save
                 atomic_torch_save(unwrap(self.model).state_dict(), self.out_dir / f"rank{self.dist.rank}_model.pt")
         finally:
             stop.restore()

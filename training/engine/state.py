@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clip2scene_core.checkpoint import atomic_torch_save
+from clip2scene_core.atomic import atomic_torch_save
 from clip2scene_core.errors import CheckpointError
 
 STATE_FORMAT = "clip2scene-train-state"

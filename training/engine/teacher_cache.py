@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clip2scene_core.atomic import atomic_write
 from clip2scene_core.errors import Clip2SceneError
 from clip2scene_core.geometry import project_points
 from clip2scene_core.types import CameraFrame, Scan
@@ -107,19 +106,7 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ writing
     def _write(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path(key), lambda fh: np.savez(fh, **arrays))
 
     @torch.no_grad()
     def compute_entry(self, teacher: PixelTeacher, scan: Scan, camera: CameraFrame,
