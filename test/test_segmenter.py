@@ -169,3 +169,25 @@ def test_camera_fusion_uses_teacher_pixels(ckpt_path, data_dir):
     np.testing.assert_array_equal(fused.labels[seen_mask], expect)
     np.testing.assert_array_equal(fused.labels[~seen_mask], lidar_only.labels[~seen_mask])
     assert (fused.labels[seen_mask] != lidar_only.labels[seen_mask]).any()
+
+
+def test_vocabulary_from_saved_embedding_file(ckpt_path, data_dir, tmp_path):
+    from clip2scene_core.clip import save_text_embeddings
+
+    vocab = Vocabulary.from_names(["road", "building", "vegetation"], name="street")
+    emb = F.normalize(torch.randn(3, EMBED), dim=1)
+    save_text_embeddings(tmp_path / "street.pt", vocab, emb, "tiny-random")
+    seg = Segmenter.load(ckpt_path, device="cpu")
+    seg.load_vocabulary_file(tmp_path / "street.pt")
+    assert seg.class_names == ["road", "building", "vegetation"]
+    torch.testing.assert_close(seg.text_embeddings, emb)
+    res = seg.segment(_scan(data_dir, step=16))
+    assert set(np.unique(res.labels[res.valid])) <= {0, 1, 2}
+    # embeddings of another CLIP model, or of another width, are refused
+    save_text_embeddings(tmp_path / "other.pt", vocab, emb, "ViT-B-16")
+    with pytest.raises(CheckpointError, match="ViT-B-16"):
+        seg.load_vocabulary_file(tmp_path / "other.pt")
+    save_text_embeddings(tmp_path / "wide.pt", vocab, F.normalize(torch.randn(3, 64), dim=1), "tiny-random")
+    with pytest.raises(CheckpointError, match="dimension"):
+        seg.load_vocabulary_file(tmp_path / "wide.pt")
+    assert seg.class_names == ["road", "building", "vegetation"]  # a refused file changes nothing
