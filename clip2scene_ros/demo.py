@@ -1,10 +1,11 @@
 """``make demo``: the product end to end on the bundled real nuScenes key frames.
 
-1. convert the samples (LIDAR_TOP + 6 cameras + calibration + ego poses) to a rosbag2 (mcap);
+1. convert the samples (LIDAR_TOP + 6 cameras + calibration + ego poses) to rosbag2 (mcap),
+   one bag per scene;
 2. get the default model: ``--checkpoint`` / ``$CLIP2SCENE_CHECKPOINT`` if given, else
    pre-train one with CLIP2Scene on the samples (real CLIP ViT-B/16 teacher when its weights
    can be had, otherwise a random teacher, said loudly);
-3. replay the bag through the same pipeline as the ROS node, writing the labelled bag, a
+3. replay each bag through the same pipeline as the ROS node, writing the labelled bag, a
    latency report and PNG renders (bird's-eye view, labels projected into the cameras).
 """
 from __future__ import annotations
@@ -25,15 +26,16 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def convert_samples(out: Path) -> Path:
+def convert_samples(out: Path) -> list[Path]:
+    """One rosbag2 per scene: the samples come from two logs (two cars, 38 days apart)."""
     from training.tools import nuscenes_to_bag
 
-    bag = out / "nuscenes_samples"
+    root = out / "bags"
     rc = nuscenes_to_bag.main(["--root", str(SAMPLES), "--version-dir", "v1.0-extract-subset",
-                               "--out", str(bag), "--overwrite", "--quiet"])
+                               "--out", str(root), "--split-scenes", "--overwrite", "--quiet"])
     if rc != 0:
         raise SystemExit(f"demo: converting the samples failed (exit {rc})")
-    return bag
+    return sorted(p.parent for p in root.glob("*/metadata.yaml"))
 
 
 def pretrain_default_model(out: Path, retrain: bool) -> tuple[Path, str]:
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     _banner("1/3 nuScenes samples → rosbag2")
-    bag = convert_samples(out)
-    print(f"input bag: {bag}")
+    bags = convert_samples(out)
+    print("input bags:", *map(str, bags), sep="\n  ")
 
     _banner("2/3 default model")
     if args.checkpoint:
@@ -100,18 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     _banner("3/3 replay through the segmentation pipeline")
     from clip2scene_ros import replay
 
-    labeled = out / "labeled"
-    rc = replay.main([str(bag), "--out", str(labeled), "--checkpoint", str(ckpt), "--overwrite",
-                      "--device", args.device, "--render-frames", "0,1,2",
-                      "--report-dir", str(out / "report")])
-    if rc != 0:
-        print(f"demo: replay failed (exit {rc})", file=sys.stderr)
-        return rc
-    report = json.loads((out / "report" / "report.json").read_text())
+    scenes = {}
+    for bag in bags:
+        labeled, report_dir = out / "labeled" / bag.name, out / "report" / bag.name
+        rc = replay.main([str(bag), "--out", str(labeled), "--checkpoint", str(ckpt), "--overwrite",
+                          "--device", args.device, "--render-frames", "0,1",
+                          "--report-dir", str(report_dir)])
+        if rc != 0:
+            print(f"demo: replay of {bag} failed (exit {rc})", file=sys.stderr)
+            return rc
+        report = json.loads((report_dir / "report.json").read_text())
+        scenes[bag.name] = {"input_bag": str(bag), "labeled_bag": str(labeled),
+                            "report": str(report_dir / "report.json"), "frames": report.get("frames"),
+                            "tf": report.get("tf")}
     pngs = sorted(str(p.relative_to(out)) for p in (out / "report").rglob("*.png"))
-    summary = {"input_bag": str(bag), "checkpoint": str(ckpt), "teacher": teacher,
-               "labeled_bag": str(labeled), "report": str(out / "report" / "report.json"),
-               "frames": report.get("frames"), "renders": pngs}
+    summary = {"checkpoint": str(ckpt), "teacher": teacher, "scenes": scenes, "renders": pngs}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _banner("done")
     print(json.dumps(summary, indent=2))

@@ -213,3 +213,31 @@ def test_converter_refuses_to_overwrite_and_reports_bad_input(tmp_path, data_dir
                                  "--quiet"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_nuscenes_split_scenes_one_bag_per_scene(tmp_path, data_dir):
+    """Frames of two logs (two cars, 38 days apart) go to separate bags, each with its own
+    static extrinsics and an unbroken /tf time line."""
+    root = data_dir / "nuscenes/dororo99_v1.0-extract_3samples"
+    out = tmp_path / "split"
+    rc = nuscenes_to_bag.main(["--root", str(root), "--version-dir", "v1.0-extract-subset",
+                               "--out", str(out), "--split-scenes", "--cameras", "--quiet"])
+    assert rc == 0
+    reader = NuScenesReader(root, "v1.0-extract-subset", cameras=())
+    scenes = reader.sample_scenes()
+    expected = {s: scenes.count(s) for s in set(scenes)}
+    bags = sorted(p.parent for p in out.glob("*/metadata.yaml"))
+    assert {b.name for b in bags} == set(expected) and len(bags) == 2
+    for bag in bags:
+        with BagReader(bag) as r:
+            assert r.message_counts["/lidar_top/points"] == expected[bag.name]
+            tf_stamps = [header_stamp_ns(t) for m in r.messages(["/tf"]) for t in m.msg.transforms]
+        assert max(tf_stamps) - min(tf_stamps) < 60 * 10**9   # one drive, not two logs
+    # a scene filter converts just that scene, an unknown one is refused
+    rc = nuscenes_to_bag.main(["--root", str(root), "--version-dir", "v1.0-extract-subset",
+                               "--out", str(tmp_path / "one"), "--scene", "scene-0916", "--cameras",
+                               "--quiet"])
+    with BagReader(tmp_path / "one") as r:
+        assert rc == 0 and r.message_counts["/lidar_top/points"] == expected["scene-0916"]
+    assert nuscenes_to_bag.main(["--root", str(root), "--version-dir", "v1.0-extract-subset",
+                                 "--out", str(tmp_path / "x"), "--scene", "scene-9999", "--quiet"]) == 1

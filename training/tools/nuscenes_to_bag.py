@@ -121,13 +121,14 @@ def _plan_info(sample: Sample, info: dict[str, Any], cameras: Sequence[str]
 def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, list]], *,
             storage: str = "mcap", compressed_images: bool = True, jpeg_quality: int = 90,
             overwrite: bool = False, max_samples: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Write the samples of ``reader`` and return a small summary.
+            progress: bool = True, indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """Write the samples of ``reader`` (or only those at ``indices``) and return a summary.
 
     Within a sample, messages are written in stamp order (static TF and label classes first),
     so a player that does not sort still sees TF before the data that needs it.
     """
-    n = len(reader) if max_samples is None else min(len(reader), max_samples)
+    order = list(range(len(reader))) if indices is None else list(indices)
+    n = len(order) if max_samples is None else min(len(order), max_samples)
     summary: dict[str, Any] = {"bag": str(out), "frames": 0, "sweeps": 0, "cameras": 0,
                                "labelled_frames": 0}
     last_static: dict[str, np.ndarray] | None = None
@@ -136,7 +137,7 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
     with SampleBagWriter(out, storage=storage, compressed_images=compressed_images,
                          jpeg_quality=jpeg_quality, overwrite=overwrite,
                          lidar_name="lidar_top") as w:
-        for i in range(n):   # readers list frames by scene, then time
+        for i in order[:n]:   # readers list frames by scene, then time
             sample = reader[i]
             statics, egos = plan(i, sample)
             events: list[tuple[int, int, Callable[[], None]]] = []
@@ -181,6 +182,11 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
     return summary
 
 
+def _safe_name(scene: str) -> str:
+    """A scene name or token as a folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in scene) or "scene"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", nargs="*", default=list(NUSCENES_CAMERAS),
                    help="camera channels to include (none: LiDAR only)")
     p.add_argument("--sweeps", type=int, default=0, help="earlier LIDAR_TOP sweeps per key frame, when present")
-    p.add_argument("--max-samples", type=int, help="convert only the first N key frames")
+    p.add_argument("--max-samples", type=int, help="convert only the first N key frames (per bag)")
+    p.add_argument("--scene", action="append", default=[],
+                   help="convert only this scene (repeatable; default: all)")
+    p.add_argument("--split-scenes", action="store_true",
+                   help="one bag per scene, written to --out/<scene>; recommended whenever the "
+                        "frames come from several scenes (different logs mean other sensor "
+                        "extrinsics and jumps of days in time, which TF cannot bridge)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -229,10 +241,29 @@ def _run(args: argparse.Namespace) -> int:
     if len(reader) == 0:
         print("no key frames found", file=sys.stderr)
         return 1
-    summary = convert(reader, args.out, plan, storage=args.storage,
-                      compressed_images=not args.raw_images, jpeg_quality=args.jpeg_quality,
-                      overwrite=args.overwrite, max_samples=args.max_samples, progress=not args.quiet)
-    print(json.dumps(summary))
+    scenes = list(reader.sample_scenes())
+    wanted = set(args.scene) or set(scenes)
+    unknown = wanted - set(scenes)
+    if unknown:
+        print(f"unknown scene(s) {sorted(unknown)}; the data has {sorted(set(scenes))}", file=sys.stderr)
+        return 1
+    groups: dict[str, list[int]] = {}
+    for i, scene in enumerate(scenes):
+        if scene in wanted:
+            groups.setdefault(scene, []).append(i)
+    if args.split_scenes:
+        jobs = [(args.out / _safe_name(scene), idx) for scene, idx in groups.items()]
+    else:
+        if len(groups) > 1:
+            print(f"warning: {len(groups)} scenes {sorted(groups)} go into one bag; use "
+                  "--split-scenes for one bag per scene", file=sys.stderr)
+        jobs = [(args.out, [i for idx in groups.values() for i in idx])]
+    for out, idx in jobs:
+        summary = convert(reader, out, plan, storage=args.storage,
+                          compressed_images=not args.raw_images, jpeg_quality=args.jpeg_quality,
+                          overwrite=args.overwrite, max_samples=args.max_samples,
+                          progress=not args.quiet, indices=idx)
+        print(json.dumps(summary))
     return 0
 
 
