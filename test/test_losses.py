@@ -1,5 +1,7 @@
-"""CLIP2Scene losses: Eq. 1 against a brute-force reference, SSR fusion properties on a real
-scan's grid, switchable self-training, and Lovász-softmax = 1 - IoU on hard predictions."""
+"""CLIP2Scene losses: Eq. 1 and Eq. 2–4 against brute-force references written from the
+paper's formulas, SSR fusion properties on a real scan's grid, which points the pre-training
+objective hands to SSR, switchable self-training, and Lovász-softmax = 1 - IoU on hard
+predictions."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +19,22 @@ from clip2scene_core.losses import (
 )
 
 
+def _brute_scr_eq1(feats, text, labels, tau):
+    """Eq. 1 as printed, positives also in the denominator:
+    -Σ_c log( Σ_{i∈c} exp(D(t_c,p_i)/τ) / (Σ_{i∈c} exp(D(t_c,p_i)/τ) + Σ_{j∉c} exp(D(t_c,p_j)/τ)) )."""
+    f = F.normalize(feats, dim=1)
+    t = F.normalize(text, dim=1)
+    total = torch.zeros((), dtype=feats.dtype)
+    for c in sorted({int(x) for x in labels.tolist() if x >= 0}):
+        pos = sum(torch.exp(t[c] @ f[i] / tau) for i in range(len(labels)) if int(labels[i]) == c)
+        neg = sum((torch.exp(t[c] @ f[j] / tau) for j in range(len(labels))
+                   if labels[j] >= 0 and int(labels[j]) != c), torch.zeros((), dtype=feats.dtype))
+        total = total - torch.log(pos / (pos + neg))
+    return total
+
+
 def _brute_scr(feats, text, labels, tau):
+    """Per-point form (the default): point i against the negatives of its text t_{c_i}."""
     f = F.normalize(feats, dim=1)
     t = F.normalize(text, dim=1)
     terms = []
@@ -41,9 +58,32 @@ def test_scr_matches_eq1_bruteforce(n, k, seed):
     labels = torch.randint(-1, k, (n,), generator=g)
     if not bool((labels >= 0).any()):
         labels[0] = 0
-    got = scr_contrastive_loss(feats, text, labels, temperature=0.5)
+    got = scr_contrastive_loss(feats, text, labels, temperature=0.5, form="per_class")
+    assert torch.allclose(got, _brute_scr_eq1(feats, text, labels, 0.5), atol=1e-9)
+    assert torch.allclose(semantic_consistency_loss(feats, text, labels, ScrConfig(form="per_class")), got)
+    got = scr_contrastive_loss(feats, text, labels, temperature=0.5)          # default: per point
     want = _brute_scr(feats, text, labels, 0.5)
     assert torch.allclose(got, want, atol=1e-9)
+    assert torch.allclose(semantic_consistency_loss(feats, text, labels, ScrConfig()), got)
+
+
+def test_scr_eq1_per_class_structure():
+    """One term per class present (sum, not mean); a class's term only depends on how its text
+    ranks the points; all points of one class give 0 - every text picks its own class."""
+    g = torch.Generator().manual_seed(11)
+    text = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    feats = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    loss = scr_contrastive_loss(feats, text, labels, form="per_class")
+    one = scr_contrastive_loss(feats, text, torch.zeros(6, dtype=torch.long), form="per_class")
+    assert float(one) == pytest.approx(0.0, abs=1e-12)
+    f, tau = F.normalize(feats, dim=1), 0.5
+    terms = [-torch.log_softmax(f @ text[c] / tau, 0)[labels == c].exp().sum().log() for c in (0, 1, 3)]
+    assert torch.allclose(loss, torch.stack(terms).sum())
+    # the term of a class is a log-probability: adding a far-away negative only raises it
+    far = torch.cat([feats, -text[:1] * 10])
+    farther = scr_contrastive_loss(far, text, torch.cat([labels, torch.tensor([2])]), form="per_class")
+    assert float(farther) > float(loss)
 
 
 def test_scr_ce_variant_is_cross_entropy_over_text():
@@ -56,15 +96,17 @@ def test_scr_ce_variant_is_cross_entropy_over_text():
     assert torch.allclose(semantic_consistency_loss(feats, text, labels, cfg), F.cross_entropy(logits, labels))
 
 
-@pytest.mark.parametrize("variant", ["contrastive", "cross_entropy"])
-def test_scr_gradient_descent_aligns_points_with_their_text(variant):
+@pytest.mark.parametrize("variant,form", [("contrastive", "per_class"), ("contrastive", "per_point"),
+                                          ("cross_entropy", None)])
+def test_scr_gradient_descent_aligns_points_with_their_text(variant, form):
     """Minimising SCR on free point features must make argmax over text = pseudo-label."""
     g = torch.Generator().manual_seed(1)
     text = F.normalize(torch.randn(6, 32, generator=g), dim=1)
     labels = torch.randint(0, 6, (300,), generator=g)
     feats = torch.randn(300, 32, generator=g).requires_grad_(True)
-    opt = torch.optim.SGD([feats], lr=300.0)  # mean over 300 points
-    cfg = ScrConfig(variant=variant)
+    cfg = ScrConfig(variant=variant) if form is None else ScrConfig(variant=variant, form=form)
+    # per-point forms average over 300 points, Eq. 1 sums over the 6 classes
+    opt = torch.optim.SGD([feats], lr=20.0 if form == "per_class" else 300.0)
     first = None
     for _ in range(150):
         loss = semantic_consistency_loss(feats, text, labels, cfg)
@@ -81,10 +123,11 @@ def test_scr_ignores_unlabelled_points_and_rejects_bad_labels():
     g = torch.Generator().manual_seed(2)
     feats, text = torch.randn(20, 8, generator=g), torch.randn(3, 8, generator=g)
     labels = torch.randint(0, 3, (20,), generator=g)
-    base = scr_contrastive_loss(feats, text, labels)
     extra = torch.cat([feats, torch.randn(5, 8, generator=g)])
     lab2 = torch.cat([labels, torch.full((5,), -1)])
-    assert torch.allclose(base, scr_contrastive_loss(extra, text, lab2))
+    for form in ("per_class", "per_point"):
+        base = scr_contrastive_loss(feats, text, labels, form=form)
+        assert torch.allclose(base, scr_contrastive_loss(extra, text, lab2, form=form))
     none = scr_contrastive_loss(feats.requires_grad_(True), text, torch.full((20,), -1))
     assert float(none.detach()) == 0.0 and none.requires_grad
     with pytest.raises(Clip2SceneError):
@@ -148,6 +191,57 @@ def test_text_guided_fusion_weights():
     assert torch.allclose(text_guided_fusion(members, group, text, lam=1e-4)[0], best, atol=1e-4)
 
 
+def _brute_ssr(point_feats, cells, pixel_feats, pixel_cells, cell_labels, text, lam, similarity, normalize):
+    """Eq. 2–4 cell by cell: a (pixels) and b (points) share one softmax denominator,
+    f_n = Σ a x + Σ b p, loss Σ_n Σ_{i∈g_n} (1 - sigmoid(D(p_i, f_n))) / N."""
+    unit = lambda v: v / v.norm()  # noqa: E731
+    total, n_cells, n_points = torch.zeros((), dtype=point_feats.dtype), 0, 0
+    for n in range(len(cell_labels)):
+        pts = [i for i in range(len(cells)) if int(cells[i]) == n]
+        if int(cell_labels[n]) < 0 or not pts:
+            continue
+        t = unit(text[int(cell_labels[n])])
+        xs = [unit(pixel_feats[m]) for m in range(len(pixel_cells)) if int(pixel_cells[m]) == n]
+        ps = [unit(point_feats[i]) for i in pts]
+        z = sum(torch.exp(x @ t / lam) for x in xs + ps)
+        a = [torch.exp(x @ t / lam) / z for x in xs]
+        b = [torch.exp(p @ t / lam) / z for p in ps]
+        f = sum(ai * x for ai, x in zip(a, xs)) + sum(bi * p for bi, p in zip(b, ps))
+        for p in ps:
+            d = p @ f if similarity == "sigmoid_dot" else p @ f / f.norm()
+            total = total + (1 - torch.sigmoid(d) if similarity == "sigmoid_dot" else 1 - d)
+        n_cells += 1
+        n_points += len(ps)
+    return total / (n_cells if normalize == "cells" else n_points)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 25), g=st.integers(1, 6), seed=st.integers(0, 10_000),
+       similarity=st.sampled_from(["sigmoid_dot", "cosine"]), normalize=st.sampled_from(["cells", "points"]),
+       lam=st.sampled_from([0.5, 1.0, 3.0]))
+def test_ssr_matches_eq2_to_4_bruteforce(n, g, seed, similarity, normalize, lam):
+    gen = torch.Generator().manual_seed(seed)
+    k = 4
+    text = torch.randn(k, 8, generator=gen, dtype=torch.float64)
+    cells = torch.randint(0, g, (n,), generator=gen)
+    cells[:g] = torch.arange(min(g, n))                       # cells ids used densely
+    paired = torch.rand(n, generator=gen) < 0.6
+    pixel_feats = torch.randn(int(paired.sum()), 8, generator=gen, dtype=torch.float64)
+    pixel_cells = cells[paired]
+    cell_labels = torch.randint(-1, k, (int(cells.max()) + 1,), generator=gen)
+    feats = torch.randn(n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    cfg = SsrConfig(lam=lam, similarity=similarity, normalize=normalize)
+    got = ssr_loss(feats, cells, pixel_feats, pixel_cells, cell_labels, text, cfg)
+    if not bool((cell_labels[cells] >= 0).any()):
+        assert float(got.detach()) == 0.0
+        return
+    want = _brute_ssr(feats, cells, pixel_feats, pixel_cells, cell_labels, text, lam, similarity, normalize)
+    assert torch.allclose(got, want, atol=1e-10)
+    g_got, = torch.autograd.grad(got, feats)
+    g_want, = torch.autograd.grad(want, feats)
+    assert torch.allclose(g_got, g_want, atol=1e-10)            # gradients flow through f_n as well
+
+
 def test_ssr_loss_real_grid(data_dir):
     """Zero when every cell is feature-consistent; positive otherwise; decreases under SGD."""
     xyz, raw = _kitti_xyz(data_dir, n=4000)
@@ -156,12 +250,17 @@ def test_ssr_loss_real_grid(data_dir):
     text = F.normalize(torch.randn(k, 16, generator=torch.Generator().manual_seed(4)), dim=1)
     cells = grid_partition(xyz, torch.zeros(len(xyz), dtype=torch.long), 2.0)
     clab = grid_labels(labels, cells, k)
-    cfg = SsrConfig(grid_size=2.0)
+    cfg = SsrConfig(grid_size=2.0, similarity="cosine", normalize="points")
     paired = torch.arange(0, len(xyz), 3)
     # consistent: each point carries its cell's text embedding, pixels too
     feats = text[clab[cells]]
     zero = ssr_loss(feats, cells, feats[paired], cells[paired], clab, text, cfg)
     assert float(zero) < 1e-5
+    # Eq. 2 (default): 1 - sigmoid(1) per point of a consistent cell, summed, / number of cells
+    paper = ssr_loss(feats, cells, feats[paired], cells[paired], clab, text, SsrConfig(grid_size=2.0))
+    lab_pts = clab[cells] >= 0
+    want = (1 - torch.sigmoid(torch.tensor(1.0))) * lab_pts.sum() / torch.unique(cells[lab_pts]).numel()
+    assert torch.allclose(paper, want, atol=1e-5)
     noisy = torch.randn(len(xyz), 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     opt = torch.optim.Adam([noisy], lr=0.2)
     losses = []
@@ -172,8 +271,57 @@ def test_ssr_loss_real_grid(data_dir):
         loss.backward()
         opt.step()
     assert losses[0] > 0.3 and losses[-1] < 0.5 * losses[0]
-    sig = ssr_loss(feats, cells, feats[paired], cells[paired], clab, text, SsrConfig(similarity="sigmoid_dot"))
-    assert 0.0 < float(sig) < 1.0
+    # the paper's loss, per point: bounded below by 1 - sigmoid(1), and SGD goes towards it
+    cfg = SsrConfig(grid_size=2.0, normalize="points")
+    noisy = torch.randn(len(xyz), 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    opt = torch.optim.Adam([noisy], lr=0.2)
+    losses = []
+    for _ in range(30):
+        loss = ssr_loss(noisy, cells, feats[paired], cells[paired], clab, text, cfg)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    floor = 1 - float(torch.sigmoid(torch.tensor(1.0)))
+    assert all(v > floor - 1e-6 for v in losses)
+    assert losses[-1] - floor < 0.5 * (losses[0] - floor)
+
+
+def test_pretrain_objective_hands_pairs_and_sweeps_to_ssr(monkeypatch):
+    """SCR trains the local head on the key-frame points with a pixel; SSR the global head on
+    those points plus the sweep points (Eq. 2 runs over pixel-point pairs), not on key-frame
+    points outside every image unless ``unpaired_points``."""
+    from types import SimpleNamespace
+
+    from training.engine import objectives
+    from training.engine.config import PretrainLossConfig
+    from training.engine.data import Batch
+
+    g = torch.Generator().manual_seed(0)
+    k, d = 3, 8
+    text = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    # 4 key-frame points with a pixel, 2 key-frame points without, 2 sweep points; one 1 m cell
+    is_key = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    has_pixel = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    labels = torch.tensor([0, 0, 1, 0, -1, -1, -1, -1])
+    xyz = torch.rand(8, 3, generator=g) * 0.9
+    batch = Batch(None, torch.zeros(8, dtype=torch.long), is_key, xyz, has_pixel, labels,
+                  torch.randn(4, d, generator=g), None, torch.arange(8), [6], [])
+    local = torch.randn(8, d, generator=g, requires_grad=True)
+    glob = torch.randn(8, d, generator=g, requires_grad=True)
+    monkeypatch.setattr(objectives, "forward_net", lambda model, b: SimpleNamespace(local=local, global_=glob))
+    for unpaired, moved in ((False, [1, 1, 1, 1, 0, 0, 1, 1]), (True, [1] * 8)):
+        cfg = PretrainLossConfig(ssr=SsrConfig(unpaired_points=unpaired),
+                                 self_training=SelfTrainingConfig(enabled=False))
+        total, scalars = objectives.PretrainObjective(cfg, text)(None, batch, 0, torch.Generator())
+        g_local, g_glob = torch.autograd.grad(total, [local, glob])
+        assert (g_local.abs().sum(1) > 0).tolist() == has_pixel.tolist()
+        assert (g_glob.abs().sum(1) > 0).tolist() == [bool(m) for m in moved]
+        # the SSR value is Eq. 2 on exactly those points, the pixels of the paired ones fused in
+        use = torch.tensor(moved, dtype=torch.bool)
+        want = _brute_ssr(glob[use].detach(), torch.zeros(int(use.sum()), dtype=torch.long), batch.pixel_features,
+                          torch.zeros(4, dtype=torch.long), torch.tensor([0]), text, 1.0, "sigmoid_dot", "cells")
+        assert scalars["ssr"] == pytest.approx(float(want), abs=1e-5)
 
 
 def test_switchable_targets():

@@ -21,7 +21,16 @@ def forward_net(model: nn.Module, batch: Batch):
 
 
 class PretrainObjective:
-    """SCR (local head, Eq. 1) + SSR (global head, Eq. 2–4) with switchable self-training."""
+    """SCR (local head, Eq. 1) + SSR (global head, Eq. 2–4) with switchable self-training.
+
+    As in the paper (Sec. 3.2.3: the two losses need different linear heads) and the released
+    code, SCR trains the head that classifies against the text at inference (ours ``local``,
+    the released SPVCNN's ``point_mapping_global``) and SSR the other head. SCR sees the
+    key-frame points with a pixel, with the (possibly switched) pseudo-labels; SSR sees the
+    pixel-point pairs of the key frame plus the sweep points (aligned into the key frame; our
+    pipeline gives them no pixel, so they enter as point members), grid cells labelled by the
+    pixel pseudo-labels (never the switched ones, as in the released code).
+    """
 
     def __init__(self, cfg: PretrainLossConfig, text_emb: torch.Tensor) -> None:
         self.cfg = cfg
@@ -56,7 +65,10 @@ class PretrainObjective:
             point_lab = torch.full_like(batch.pixel_labels, -1)
             point_lab[paired] = pix_lab
             clab = grid_labels(point_lab, cells, k)
-            ssr = ssr_loss(out.global_, cells, batch.pixel_features, cells[paired], clab, text, self.cfg.ssr)
+            # Eq. 2 runs over pixel-point pairs: key-frame points without a pixel stay out
+            use = torch.ones_like(paired) if self.cfg.ssr.unpaired_points else (paired | ~batch.is_key)
+            ssr = ssr_loss(out.global_[use], cells[use], batch.pixel_features, cells[paired], clab, text,
+                           self.cfg.ssr)
             total = total + self.cfg.ssr.weight * ssr
             scalars["ssr"] = float(ssr.detach())
         return total, scalars
