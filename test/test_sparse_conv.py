@@ -31,6 +31,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, params=["gather-scatter", "im2col"])
+def conv_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test through both forward paths: the per-offset gather–matmul–scatter used
+    for wide layers, and the single dense GEMM used for narrow (stem) layers."""
+    import clip2scene_core.sparse.functional as functional
+
+    monkeypatch.setattr(functional, "IM2COL_MAX_CIN", 0 if request.param == "gather-scatter" else 1 << 30)
+    return request.param
+
+
 def random_sparse(seed: int, n: int = 120, batch: int = 2, lo: int = -5):
     """Random unique voxels with signed coords in [lo + MARGIN, lo + G - MARGIN)."""
     g = torch.Generator().manual_seed(seed)

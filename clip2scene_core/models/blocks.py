@@ -2,9 +2,80 @@
 published state_dicts map by name: MinkowskiEngine's BasicBlock, torchsparse/SPVNAS blocks)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..sparse import BatchNorm, Conv3d, ReLU, SparseTensor
+
+
+def _in_place_ok(f: torch.Tensor, norm: nn.Module | None = None) -> bool:
+    """Whether eval-mode inference may overwrite ``f``: no autograd, no autocast, and (for a
+    norm) frozen running statistics of ``f``'s dtype."""
+    if torch.is_grad_enabled() and f.requires_grad:
+        return False
+    if torch.is_autocast_enabled(f.device.type):
+        return False
+    if norm is None:
+        return True
+    return (isinstance(norm, nn.BatchNorm1d) and not norm.training and norm.running_mean is not None
+            and norm.running_mean.dtype == f.dtype
+            and not (torch.is_grad_enabled() and norm.affine and norm.weight.requires_grad))
+
+
+def affine_act_(f: torch.Tensor, norm: nn.Module, relu: bool) -> bool:
+    """Apply eval-mode ``norm`` (and a ReLU) to ``f`` in place, if allowed (see
+    ``_in_place_ok``); False, with ``f`` untouched, where not."""
+    if not _in_place_ok(f, norm):
+        return False
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.affine:
+        scale = scale * norm.weight
+        shift = norm.bias - norm.running_mean * scale
+    else:
+        shift = -norm.running_mean * scale
+    torch.addcmul(shift, f, scale, out=f)
+    if relu:
+        f.relu_()
+    return True
+
+
+def norm_act(x: SparseTensor, norm: nn.Module, act: nn.Module | None = None) -> SparseTensor:
+    """``act(norm(x))`` for an ``x`` whose features nothing else holds (a fresh conv output).
+
+    In eval-mode inference the norm is one in-place affine pass and the ReLU runs in place
+    (no new (M, C) tensors); otherwise the modules run as usual.
+    """
+    if (act is None or isinstance(act, nn.ReLU)) and affine_act_(x.feats, norm, act is not None):
+        return x
+    y = norm(x)
+    return act(y) if act is not None else y
+
+
+def add_act(out: SparseTensor, residual: SparseTensor, act: nn.Module) -> SparseTensor:
+    """``act(out + residual)`` where ``out``'s features are owned by the caller (in place at inference)."""
+    if isinstance(act, nn.ReLU) and _in_place_ok(out.feats) and _in_place_ok(residual.feats) \
+            and out.feats.dtype == residual.feats.dtype and out.feats.shape == residual.feats.shape:
+        if residual.coords is not out.coords and residual.coords.shape != out.coords.shape:
+            raise ValueError("cannot add sparse tensors on different voxels")
+        out.feats.add_(residual.feats).relu_()
+        return out
+    return act(out + residual)
+
+
+def run_sequential(seq: nn.Sequential, x: SparseTensor) -> SparseTensor:
+    """``seq(x)``, with every Conv3d → BatchNorm (→ ReLU) run through ``norm_act``."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, Conv3d) and i + 1 < len(mods) and isinstance(mods[i + 1], BatchNorm):
+            act = mods[i + 2] if i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU) else None
+            x = norm_act(m(x), mods[i + 1], act)
+            i += 2 if act is None else 3
+        else:
+            x = m(x)
+            i += 1
+    return x
 
 
 class BasicBlock(nn.Module):
@@ -23,10 +94,10 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        residual = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + residual)
+        out = norm_act(self.conv1(x), self.norm1, self.relu)
+        out = norm_act(self.conv2(out), self.norm2)
+        residual = run_sequential(self.downsample, x) if self.downsample is not None else x
+        return add_act(out, residual, self.relu)
 
 
 class BasicConvolutionBlock(nn.Module):
@@ -38,7 +109,7 @@ class BasicConvolutionBlock(nn.Module):
                                  BatchNorm(outc), ReLU(True))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return self.net(x)
+        return run_sequential(self.net, x)
 
 
 class BasicDeconvolutionBlock(nn.Module):
@@ -50,7 +121,7 @@ class BasicDeconvolutionBlock(nn.Module):
                                  BatchNorm(outc), ReLU(True))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return self.net(x)
+        return run_sequential(self.net, x)
 
 
 class ResidualBlock(nn.Module):
@@ -69,4 +140,5 @@ class ResidualBlock(nn.Module):
         self.relu = ReLU(True)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return self.relu(self.net(x) + self.downsample(x))
+        residual = run_sequential(self.downsample, x) if isinstance(self.downsample, nn.Sequential) else self.downsample(x)
+        return add_act(run_sequential(self.net, x), residual, self.relu)

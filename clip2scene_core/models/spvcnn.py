@@ -13,7 +13,8 @@ from torch import nn
 from ..sparse import BatchNorm, Conv3d, ReLU, SparseTensor, cat
 from ..sparse.points import PointTensor, point_to_voxel, voxel_to_point
 from .batch import VoxelBatch
-from .blocks import BasicConvolutionBlock, BasicDeconvolutionBlock, ResidualBlock
+from .blocks import (BasicConvolutionBlock, BasicDeconvolutionBlock, ResidualBlock, _in_place_ok, affine_act_,
+                     run_sequential)
 
 SPVCNN_CHANNELS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
 
@@ -57,27 +58,38 @@ class SPVCNN(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _point_add(self, i: int, feats: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``other + point_transforms[i](feats)``; at inference the BatchNorm, ReLU and sum run
+        in place on the Linear's output (no further (N, C) point tensors)."""
+        lin, bn, act = self.point_transforms[i]
+        y = lin(feats)
+        if isinstance(act, nn.ReLU) and affine_act_(y, bn, True):
+            if _in_place_ok(other) and other.dtype == y.dtype and other.shape == y.shape:
+                return y.add_(other)
+            return other + y
+        return other + act(bn(y))
+
     def forward(self, batch: VoxelBatch) -> torch.Tensor:
         # The initial voxelisation (mean of point features per voxel) is ``voxelize``'s job.
         x0 = SparseTensor(batch.features, batch.coords)
         z = PointTensor(batch.point_features, batch.point_coords)
-        x0 = self.stem(x0)
+        x0 = run_sequential(self.stem, x0)
         z0 = voxel_to_point(x0, z)
         x1 = self.stage1(point_to_voxel(x0, z0))
         x2 = self.stage2(x1)
         x3 = self.stage3(x2)
         x4 = self.stage4(x3)
         z1 = voxel_to_point(x4, z0)
-        z1 = z1.replace(z1.feats + self.point_transforms[0](z0.feats))
+        z1 = z1.replace(self._point_add(0, z0.feats, z1.feats))
         y1 = point_to_voxel(x4, z1)
         y1 = y1.replace(self.dropout(y1.feats))
         y1 = self.up1[1](cat([self.up1[0](y1), x3]))
         y2 = self.up2[1](cat([self.up2[0](y1), x2]))
         z2 = voxel_to_point(y2, z1)
-        z2 = z2.replace(z2.feats + self.point_transforms[1](z1.feats))
+        z2 = z2.replace(self._point_add(1, z1.feats, z2.feats))
         y3 = point_to_voxel(y2, z2)
         y3 = y3.replace(self.dropout(y3.feats))
         y3 = self.up3[1](cat([self.up3[0](y3), x1]))
         y4 = self.up4[1](cat([self.up4[0](y3), x0]))
         z3 = voxel_to_point(y4, z2)
-        return z3.feats + self.point_transforms[2](z2.feats)
+        return self._point_add(2, z2.feats, z3.feats)

@@ -28,12 +28,44 @@ def get_kernel_map(x: SparseTensor, kernel_size: int, stride: int, dilation: int
     return kmap
 
 
+IM2COL_MAX_CIN = 4   # convs with at most this many input channels run as one dense GEMM
+
+
+def _im2col_index(ins: list[torch.Tensor], outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input rows, output row · K + offset) of every pair, offset after offset."""
+    kvol = len(ins)
+    dev = ins[0].device
+    cols = torch.cat([o * kvol + k for k, o in enumerate(outs)]) if kvol else torch.zeros(0, dtype=torch.int64, device=dev)
+    return torch.cat(list(ins)), cols
+
+
 def _forward(feats: torch.Tensor, weight: torch.Tensor, ins: list[torch.Tensor],
-             outs: list[torch.Tensor], n_out: int, identity: int | None) -> torch.Tensor:
-    out = feats @ weight[identity] if identity is not None else feats.new_zeros((n_out, weight.shape[-1]))
+             outs: list[torch.Tensor], n_out: int, identity: int | None,
+             im2col: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    kvol, cin, cout = weight.shape
+    if im2col is not None:
+        # few input channels: scatter the inputs into a zero-padded (n_out, K·Cin) matrix and
+        # run one GEMM; far cheaper than K scatters of Cout-wide rows
+        rows, slots = im2col
+        cols = feats.new_zeros((n_out * kvol, cin))
+        cols.index_copy_(0, slots, feats.index_select(0, rows))
+        return torch.mm(cols.view(n_out, kvol * cin), weight.reshape(kvol * cin, cout))
+    out = torch.mm(feats, weight[identity]) if identity is not None else feats.new_zeros((n_out, cout))
+    pmax = max((i.numel() for k, i in enumerate(ins) if k != identity), default=0)
+    if pmax == 0:
+        return out
+    # one gather buffer and one product buffer for all offsets (not two fresh tensors each)
+    gbuf = feats.new_empty(pmax * cin)
+    ybuf = feats.new_empty(pmax * cout)
     for k, (i, o) in enumerate(zip(ins, outs)):
-        if k != identity and i.numel():
-            out.index_add_(0, o, feats.index_select(0, i) @ weight[k])
+        p = i.numel()
+        if k == identity or p == 0:
+            continue
+        g = gbuf[:p * cin].view(p, cin)
+        torch.index_select(feats, 0, i, out=g)
+        y = ybuf[:p * cout].view(p, cout)
+        torch.mm(g, weight[k], out=y)
+        out.index_add_(0, o, y)
     return out
 
 
@@ -51,12 +83,13 @@ class _SparseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, ins: list[torch.Tensor],  # type: ignore[override]
-                outs: list[torch.Tensor], n_out: int, identity: int | None) -> torch.Tensor:
+                outs: list[torch.Tensor], n_out: int, identity: int | None,
+                im2col: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         dtype = _compute_dtype(feats)      # what autocast would run the matmuls in
         ctx.dtypes = (feats.dtype, weight.dtype)
         f, w = feats.to(dtype), weight.to(dtype)
         with torch.autocast(feats.device.type, enabled=False):
-            out = _forward(f, w, ins, outs, n_out, identity)
+            out = _forward(f, w, ins, outs, n_out, identity, im2col)
         ctx.save_for_backward(f, w)
         ctx.maps = (ins, outs, identity)
         return out
@@ -87,16 +120,25 @@ class _SparseConv(torch.autograd.Function):
             grad_f = grad_f.to(ctx.dtypes[0])
         if grad_w is not None:
             grad_w = grad_w.to(ctx.dtypes[1])
-        return grad_f, grad_w, None, None, None, None
+        return grad_f, grad_w, None, None, None, None, None
 
 
-def _apply(feats: torch.Tensor, weight: torch.Tensor, ins: list[torch.Tensor],
-           outs: list[torch.Tensor], n_out: int, identity: int | None) -> torch.Tensor:
+def _apply(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, transposed: bool) -> torch.Tensor:
+    if transposed:
+        ins, outs, n_out = kmap.out_rows, kmap.in_rows, kmap.in_coords.shape[0]
+    else:
+        ins, outs, n_out = kmap.in_rows, kmap.out_rows, kmap.out_coords.shape[0]
+    identity = kmap.identity
+    im2col = None
+    if weight.shape[1] <= IM2COL_MAX_CIN and weight.shape[0] > 1:
+        im2col = kmap.derived.get(("im2col", transposed))
+        if im2col is None:
+            im2col = kmap.derived[("im2col", transposed)] = _im2col_index(ins, outs)
     if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad):
-        return _SparseConv.apply(feats, weight, ins, outs, n_out, identity)
+        return _SparseConv.apply(feats, weight, ins, outs, n_out, identity, im2col)
     dtype = _compute_dtype(feats)
     with torch.autocast(feats.device.type, enabled=False):
-        return _forward(feats.to(dtype), weight.to(dtype), ins, outs, n_out, identity)
+        return _forward(feats.to(dtype), weight.to(dtype), ins, outs, n_out, identity, im2col)
 
 
 def conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size: int, bias: torch.Tensor | None = None,
@@ -117,7 +159,7 @@ def conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size: int, bias: torch.
     w = weight if weight.dim() == 3 else weight[None]
     if not transposed:
         kmap = get_kernel_map(x, kernel_size, stride, dilation)
-        feats = _apply(x.feats, w, kmap.in_rows, kmap.out_rows, kmap.out_coords.shape[0], kmap.identity)
+        feats = _apply(x.feats, w, kmap, transposed=False)
         out_coords, out_stride = kmap.out_coords, x.stride * stride
     else:
         if x.stride % stride:
@@ -129,7 +171,7 @@ def conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size: int, bias: torch.
                 f"transposed conv (k={kernel_size}, s={stride}) needs the kernel map of the matching "
                 f"strided conv from stride {fine}; none is cached on this tensor")
         out_coords, out_stride = kmap.in_coords, fine
-        feats = _apply(x.feats, w, kmap.out_rows, kmap.in_rows, out_coords.shape[0], kmap.identity)
+        feats = _apply(x.feats, w, kmap, transposed=True)
     if bias is not None:
         feats = feats + bias
     return SparseTensor(feats, out_coords, out_stride, x.cache)

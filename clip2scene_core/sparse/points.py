@@ -77,6 +77,16 @@ class SpMat:
         return self._csr_t
 
 
+def _csr_mm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``csr @ dense`` as a weighted embedding-bag sum (one bag per CSR row): one pass that
+    writes the output once, where ``torch.sparse.mm`` zero-fills and copies it around."""
+    if csr.values().numel() == 0 or dense.shape[0] == 0:
+        return dense.new_zeros((csr.shape[0], dense.shape[1]))
+    return torch.nn.functional.embedding_bag(
+        csr.col_indices(), dense, csr.crow_indices(), mode="sum",
+        per_sample_weights=csr.values(), include_last_offset=True)
+
+
 class _SparseMatmul(torch.autograd.Function):
     """``S @ feats`` for a constant sparse S, in float32 with autocast off (sparse kernels
     lack half types on CPU); the backward is ``Sᵀ @ grad``."""
@@ -85,12 +95,12 @@ class _SparseMatmul(torch.autograd.Function):
     def forward(ctx, feats: torch.Tensor, mat: SpMat) -> torch.Tensor:  # type: ignore[override]
         ctx.mat = mat
         with torch.autocast(feats.device.type, enabled=False):
-            return torch.sparse.mm(mat.csr, feats)
+            return _csr_mm(mat.csr, feats)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         with torch.autocast(grad.device.type, enabled=False):
-            return torch.sparse.mm(ctx.mat.csr_t, grad.float().contiguous()), None
+            return _csr_mm(ctx.mat.csr_t, grad.float().contiguous()), None
 
 
 def _spmm(feats: torch.Tensor, mat: SpMat) -> torch.Tensor:
@@ -126,13 +136,18 @@ def voxel_to_point(x: SparseTensor, z: PointTensor) -> PointTensor:
         base = base.to(torch.int64)
         b = z.coords[:, :1].to(torch.int64)
         table = table_for(x.cache, x.stride, x.coords)
-        rows, weights = [], []
-        for corner in range(8):
-            bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=q.device)
-            rows.append(table.query(torch.cat([b, base + bits], dim=1)))
-            weights.append(torch.where(bits.bool(), frac, 1 - frac).prod(dim=1))
-        rows_t = torch.stack(rows, 1)
-        w_t = torch.stack(weights, 1) * (rows_t >= 0)
+        corner_base = torch.cat([b, base], dim=1)
+        if table._additive_ok(corner_base, 1):
+            # corners (bx, by, bz), index bx·4 + by·2 + bz: four (x, y) columns of two z cells
+            cols = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], device=q.device)
+            rows_t = table.query_columns_dense(corner_base, cols, 0, 2).t()
+        else:
+            rows_t = torch.stack([
+                table.query(torch.cat([b, base + torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1], device=q.device)], dim=1))
+                for c in range(8)], 1)
+        w1 = torch.stack([1 - frac, frac], dim=2)                  # (N, 3, 2): weight of bit 0 / 1
+        w_t = (w1[:, 0, :, None, None] * w1[:, 1, None, :, None] * w1[:, 2, None, None, :]).reshape(-1, 8)
+        w_t = w_t * (rows_t >= 0)
         w_t = w_t / (w_t.sum(dim=1, keepdim=True) + 1e-8)
         keep = (rows_t >= 0) & (w_t > 0)
         pts = torch.arange(rows_t.shape[0], device=q.device)[:, None].expand_as(rows_t)
