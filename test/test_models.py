@@ -19,14 +19,7 @@ WIDTH = 0.25
 EMBED = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small sparse ops on a shared 2-core box stall on OpenMP barriers; one thread is
-    several times faster here and results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
