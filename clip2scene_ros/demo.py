@@ -26,6 +26,19 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+def _quiet_downloads() -> None:
+    """An offline machine's download retries are noise here: the outcome is reported below.
+
+    huggingface_hub configures its logger lazily, on first use, from HF_HUB_VERBOSITY.
+    """
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+
+
 def convert_samples(out: Path) -> list[Path]:
     """One rosbag2 per scene: the samples come from two logs (two cars, 38 days apart)."""
     from training.tools import nuscenes_to_bag
@@ -81,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # an offline machine's download retries are noise here: the outcome is reported below
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    _quiet_downloads()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     out = args.out.resolve()
