@@ -25,10 +25,12 @@ def read_point_file(path: Path, fields: tuple[str, ...]) -> Scan:
         if pts.ndim != 2 or pts.shape[1] < 3:
             raise InvalidPointCloudError(f"{path}: expected an (N, C>=3) array, got {pts.shape}")
         return Scan(pts[:, :len(fields)].astype(np.float32), fields[:min(len(fields), pts.shape[1])])
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % len(fields):
+    stride = 4 * len(fields)
+    size = path.stat().st_size
+    if size % stride:
         raise InvalidPointCloudError(
-            f"{path}: {raw.size} floats is not a multiple of {len(fields)} fields {fields}")
+            f"{path}: {size} bytes is not a whole number of {stride}-byte points {fields}")
+    raw = np.fromfile(path, dtype=np.float32)
     return Scan(raw.reshape(-1, len(fields)), fields)
 
 

@@ -191,3 +191,23 @@ def test_vocabulary_from_saved_embedding_file(ckpt_path, data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="dimension"):
         seg.load_vocabulary_file(tmp_path / "wide.pt")
     assert seg.class_names == ["road", "building", "vegetation"]  # a refused file changes nothing
+
+
+def test_segment_cli_writes_labels_and_render(ckpt_path, data_dir, tmp_path):
+    from clip2scene_core import cli
+
+    scan_file = next((data_dir / SCENE).glob("*LIDAR_TOP*.pcd.bin"))
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\0" * 22)    # not a whole number of 5-float points
+    out = tmp_path / "out"
+    rc = cli.main([str(scan_file), str(bad), "--checkpoint", str(ckpt_path), "--device", "cpu",
+                   "--fields", "x,y,z,intensity,ring", "--out", str(out)])
+    assert rc == 0                 # the bad file is skipped with a message, the good one labelled
+    stem = scan_file.name.split(".")[0]
+    labels = np.load(out / f"{stem}.labels.npy")
+    assert labels.shape == (34688,) and labels.max() < 16 and (labels >= 0).mean() > 0.9
+    assert (out / f"{stem}_bev.png").stat().st_size > 10_000
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == [scan_file.name] and summary[scan_file.name]["points"] == 34688
+    assert cli.main([str(scan_file), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
