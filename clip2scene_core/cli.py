@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .datasets.base import load_points_bin
 from .errors import Clip2SceneError, InvalidPointCloudError
 from .types import Scan
 
@@ -25,13 +26,7 @@ def read_point_file(path: Path, fields: tuple[str, ...]) -> Scan:
         if pts.ndim != 2 or pts.shape[1] < 3:
             raise InvalidPointCloudError(f"{path}: expected an (N, C>=3) array, got {pts.shape}")
         return Scan(pts[:, :len(fields)].astype(np.float32), fields[:min(len(fields), pts.shape[1])])
-    stride = 4 * len(fields)
-    size = path.stat().st_size
-    if size % stride:
-        raise InvalidPointCloudError(
-            f"{path}: {size} bytes is not a whole number of {stride}-byte points {fields}")
-    raw = np.fromfile(path, dtype=np.float32)
-    return Scan(raw.reshape(-1, len(fields)), fields)
+    return Scan(load_points_bin(path, len(fields)), fields)
 
 
 def main(argv: list[str] | None = None) -> int:
