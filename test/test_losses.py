@@ -261,27 +261,25 @@ def test_ssr_loss_real_grid(data_dir):
     lab_pts = clab[cells] >= 0
     want = (1 - torch.sigmoid(torch.tensor(1.0))) * lab_pts.sum() / torch.unique(cells[lab_pts]).numel()
     assert torch.allclose(paper, want, atol=1e-5)
-    noisy = torch.randn(len(xyz), 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    opt = torch.optim.Adam([noisy], lr=0.2)
-    losses = []
-    for _ in range(30):
-        loss = ssr_loss(noisy, cells, feats[paired], cells[paired], clab, text, cfg)
-        losses.append(float(loss.detach()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def fit(cfg: SsrConfig) -> list[float]:
+        """30 Adam steps on random point features; the loss after each."""
+        noisy = torch.randn(len(xyz), 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        opt = torch.optim.Adam([noisy], lr=0.2)
+        losses = []
+        for _ in range(30):
+            loss = ssr_loss(noisy, cells, feats[paired], cells[paired], clab, text, cfg)
+            losses.append(float(loss.detach()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return losses
+
+    losses = fit(cfg)
     assert losses[0] > 0.3 and losses[-1] < 0.5 * losses[0]
     # the paper's loss, per point: bounded below by 1 - sigmoid(1), and SGD goes towards it
     cfg = SsrConfig(grid_size=2.0, normalize="points")
-    noisy = torch.randn(len(xyz), 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    opt = torch.optim.Adam([noisy], lr=0.2)
-    losses = []
-    for _ in range(30):
-        loss = ssr_loss(noisy, cells, feats[paired], cells[paired], clab, text, cfg)
-        losses.append(float(loss.detach()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = fit(cfg)
     floor = 1 - float(torch.sigmoid(torch.tensor(1.0)))
     assert all(v > floor - 1e-6 for v in losses)
     assert losses[-1] - floor < 0.5 * (losses[0] - floor)

@@ -66,17 +66,13 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
     from clip2scene_core.models import build_model
     from training.engine import common
     from training.engine.data import Subset, TrainDataset, build_reader, sample_scenes, scene_subsample
-    from training.engine.distributed import cleanup, init_distributed, unwrap, wrap_ddp
+    from training.engine.distributed import unwrap, wrap_ddp
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import FinetuneObjective, SegmentationModel
-    from training.engine.state import determinism_state, restore_determinism, seed_everything
+    from training.engine.state import seed_everything
     from training.evaluate import label_map
 
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    dist = init_distributed(cfg.run.device)
-    previous = determinism_state()
-    try:
+    with common.training_run(cfg.run) as dist:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         # --- the network and its classifier
         if cfg.pretrained:
@@ -153,9 +149,6 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
                                      "logit_scale": cfg.loss.logit_scale})
         return {"history": result.history, "state": str(trainer.state_path), "checkpoint": str(deploy),
                 "samples_used": len(reader), "scenes_used": scenes_used}
-    finally:
-        restore_determinism(previous)
-        cleanup(dist)
 
 
 def main(argv=None) -> int:

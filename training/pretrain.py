@@ -47,16 +47,12 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
     from clip2scene_core.models import build_model
     from training.engine import common
     from training.engine.data import Subset, TrainDataset, build_reader
-    from training.engine.distributed import cleanup, init_distributed, unwrap, wrap_ddp
+    from training.engine.distributed import unwrap, wrap_ddp
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import PretrainObjective
-    from training.engine.state import determinism_state, restore_determinism, seed_everything
+    from training.engine.state import seed_everything
 
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    dist = init_distributed(cfg.run.device)
-    previous = determinism_state()
-    try:
+    with common.training_run(cfg.run) as dist:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         vocab = common.build_vocabulary(cfg.vocabulary)
         reader = reader if reader is not None else build_reader(cfg.data, Path.cwd())
@@ -104,9 +100,6 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
                                      "history": result.history, "head": "local"})
         return {"teacher": stats, "history": result.history, "state": str(trainer.state_path),
                 "checkpoint": str(deploy)}
-    finally:
-        restore_determinism(previous)
-        cleanup(dist)
 
 
 def main(argv=None) -> int:

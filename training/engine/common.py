@@ -3,6 +3,8 @@ loading a pre-trained network, writing the deployable checkpoint."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,13 +15,28 @@ from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpo
 from clip2scene_core.config import from_dict, to_dict
 from clip2scene_core.errors import CheckpointError, ConfigError
 
-from .config import TeacherConfig, VocabConfig
+from .config import RunConfig, TeacherConfig, VocabConfig
 from .data import Subset
-from .distributed import DistInfo, barrier
-from .state import STATE_FORMAT, load_state
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .state import STATE_FORMAT, determinism_state, load_state, restore_determinism
 from .teacher_cache import Preprocess, TeacherCache, teacher_identity
 
 log = logging.getLogger("clip2scene.training")
+
+
+@contextmanager
+def training_run(run: RunConfig) -> Iterator[DistInfo]:
+    """CPU threads, the process group (torchrun) and torch's determinism flags for one run;
+    the flags are restored and the group left however the run ends."""
+    if run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    dist = init_distributed(run.device)
+    previous = determinism_state()
+    try:
+        yield dist
+    finally:
+        restore_determinism(previous)
+        cleanup(dist)
 
 
 def build_vocabulary(cfg: VocabConfig):
