@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+
+if TYPE_CHECKING:   # matplotlib is imported only by the plots: the node draws overlays with cv2
+    from matplotlib.figure import Figure
 
 from .palette import UNLABELED_COLOR, colorize, palette_for
 
@@ -26,6 +27,8 @@ def _prepare(path: str | Path) -> Path:
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, format="png")
     return path
@@ -60,6 +63,9 @@ def render_bev(xyz: np.ndarray, labels: np.ndarray, class_names: Sequence[str], 
     colors = colorize(lab, palette=pal).astype(np.float64) / 255.0
 
     dpi = 100
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     fig = Figure(figsize=(size_px / dpi * 1.3, size_px / dpi), dpi=dpi)
     ax = fig.add_axes((0.05, 0.05, 0.72, 0.9))
     ax.set_facecolor("black")
@@ -196,6 +202,8 @@ def render_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path
     else:
         shown = m
     cell = 0.45
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(max(4.0, 2.5 + cell * k), max(3.5, 2.0 + cell * k)), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(shown), cmap="Blues", vmin=0.0,
