@@ -166,14 +166,21 @@ def colorize(labels: np.ndarray, class_names: Sequence[str] | None = None,
 
 
 def pack_rgb(colors: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 → (N,) float32 whose bits are 0x00RRGGBB (PCL / RViz ``rgb`` field)."""
-    c = np.asarray(colors, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
-    packed = (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]
-    return packed.view(np.float32)
+    """(N, 3) colours in [0, 255] → (N,) float32 whose bits are 0x00RRGGBB (PCL / RViz ``rgb``).
+
+    Out-of-range or non-finite values are refused rather than wrapped into another colour.
+    """
+    c = np.asarray(colors).reshape(-1, 3)
+    if c.dtype != np.uint8:
+        if c.size and (not np.all(np.isfinite(c)) or c.min() < 0 or c.max() > 255):
+            raise ValueError("rgb values must be finite and in [0, 255]")
+        c = c.astype(np.uint8)
+    c = c.astype(np.uint32)
+    return ((c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]).view(np.float32)
 
 
 def unpack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_rgb`: float32 (or uint32) bit patterns → (N, 3) uint8."""
-    arr = np.ascontiguousarray(np.asarray(rgb).reshape(-1))
-    bits = arr.view(np.uint32) if arr.dtype in (np.float32, np.uint32, np.int32) else arr.astype(np.uint32)
-    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=1).astype(np.uint8)
+    """Inverse of :func:`pack_rgb`: float32 (or uint32) bit patterns (any shape) → (..., 3) uint8."""
+    arr = np.ascontiguousarray(rgb)
+    bits = arr.view(np.uint32) if arr.dtype.itemsize == 4 else arr.astype(np.uint32)
+    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=-1).astype(np.uint8)

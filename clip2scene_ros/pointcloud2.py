@@ -24,7 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from clip2scene_core import palette
 from clip2scene_core.errors import InvalidPointCloudError
+from clip2scene_core.palette import unpack_rgb
 from clip2scene_core.types import Scan
 
 from .msgs import MessageFactory, data_as_array, default_factory, header_stamp_ns, make_header
@@ -415,23 +417,14 @@ def scan_to_cloud(scan: Scan, header: Any = None,
 
 
 def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 colours → (N,) float32 whose bits are 0x00RRGGBB (PCL / RViz "rgb")."""
+    """(N, 3) colours → (N,) float32 "rgb" field values (``clip2scene_core.palette.pack_rgb``)."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 2 or rgb.shape[1] != 3:
         raise InvalidPointCloudError(f"rgb must be (N, 3), got {rgb.shape}")
-    if rgb.dtype != np.uint8:
-        if rgb.size and (rgb.min() < 0 or rgb.max() > 255 or not np.all(np.isfinite(rgb))):
-            raise InvalidPointCloudError("rgb values must be in [0, 255]")
-        rgb = rgb.astype(np.uint8)
-    c = rgb.astype(np.uint32)
-    return ((c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]).view(np.float32)
-
-
-def unpack_rgb(packed: np.ndarray) -> np.ndarray:
-    """Inverse of ``pack_rgb``: float32 (or uint32) 0x00RRGGBB → (N, 3) uint8."""
-    p = np.ascontiguousarray(packed)
-    bits = p.view(np.uint32) if p.dtype.itemsize == 4 else p.astype(np.uint32)
-    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=-1).astype(np.uint8)
+    try:
+        return palette.pack_rgb(rgb)
+    except ValueError as exc:
+        raise InvalidPointCloudError(str(exc)) from None
 
 
 def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
