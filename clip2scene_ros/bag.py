@@ -31,6 +31,8 @@ import yaml
 
 from clip2scene_core.errors import Clip2SceneError
 
+from .pointcloud2 import UNLABELED
+
 log = logging.getLogger(__name__)
 
 POINTCLOUD2 = "sensor_msgs/msg/PointCloud2"
@@ -53,7 +55,7 @@ KIND_TYPES: dict[str, tuple[str, ...]] = {
 #: and a std_msgs/String holding JSON {"vocabulary": ..., "class_names": [...]}
 LABELS_TOPIC = "/clip2scene/labels"
 LABEL_CLASSES_TOPIC = "/clip2scene/label_classes"
-LABEL_IGNORE = 65535
+LABEL_IGNORE = UNLABELED   # the same sentinel as the labelled output clouds
 
 MCAP_MAGIC = b"\x89MCAP0\r\n"
 ROS1_MAGIC = b"#ROSBAG V2.0\n"
