@@ -18,6 +18,7 @@ likewise (ROS 2 allows upper case but the convention is lower case).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from clip2scene_ros.pointcloud2 import (FLOAT32, UINT16, create_cloud,  # noqa: 
                                         make_point_field)
 from clip2scene_ros.tf import matrix_to_transform  # noqa: E402
 
-__all__ = ["SampleBagWriter", "ros_name", "optical_frame", "OPTICAL_IN_BODY", "body_to_optical"]
+__all__ = ["SampleBagWriter", "ros_name", "optical_frame", "OPTICAL_IN_BODY", "body_to_optical",
+           "converter_parser", "writer_options"]
 
 #: rotation of a camera's optical frame (z forward, x right, y down) in its body frame
 #: (x forward, y left, z up), as in REP 103 / 105: optical z = body x, optical x = -body y.
@@ -48,6 +50,27 @@ OPTICAL_IN_BODY = np.array([[0.0, 0.0, 1.0, 0.0],
                             [-1.0, 0.0, 0.0, 0.0],
                             [0.0, -1.0, 0.0, 0.0],
                             [0.0, 0.0, 0.0, 1.0]])
+
+
+def converter_parser(doc: str) -> argparse.ArgumentParser:
+    """Argument parser of a dataset → bag CLI: the module docstring as help, plus the output
+    options every converter shares (read back with :func:`writer_options`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, type=Path, help="output rosbag2 directory (must not exist)")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    p.add_argument("--raw-images", action="store_true", help="sensor_msgs/Image instead of JPEG CompressedImage")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def writer_options(args: argparse.Namespace) -> dict:
+    """The shared output options of :func:`converter_parser` as ``convert`` keyword arguments."""
+    return {"storage": args.storage, "compressed_images": not args.raw_images,
+            "jpeg_quality": args.jpeg_quality, "overwrite": args.overwrite, "progress": not args.quiet}
 
 
 def ros_name(name: str) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.tools import SampleBagWriter  # noqa: E402
+from training.tools import SampleBagWriter, converter_parser, writer_options  # noqa: E402
 
 from clip2scene_core.datasets import (NUSCENES_CAMERAS, NuScenesInfoReader,  # noqa: E402
                                       NuScenesReader)
@@ -188,16 +188,10 @@ def _safe_name(scene: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = converter_parser(__doc__)
     p.add_argument("--root", required=True, type=Path, help="nuScenes data root (samples/, sweeps/, tables)")
     p.add_argument("--version-dir", default="v1.0-mini", help="folder of the JSON tables under --root")
     p.add_argument("--info", type=Path, help="mmdet3d info .pkl instead of the JSON tables")
-    p.add_argument("--out", required=True, type=Path, help="output rosbag2 directory (must not exist)")
-    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
-    p.add_argument("--raw-images", action="store_true", help="sensor_msgs/Image rgb8 instead of JPEG CompressedImage")
-    p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--cameras", nargs="*", default=list(NUSCENES_CAMERAS),
                    help="camera channels to include (none: LiDAR only)")
     p.add_argument("--sweeps", type=int, default=0, help="earlier LIDAR_TOP sweeps per key frame, when present")
@@ -208,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one bag per scene, written to --out/<scene>; recommended whenever the "
                         "frames come from several scenes (different logs mean other sensor "
                         "extrinsics and jumps of days in time, which TF cannot bridge)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -259,10 +251,8 @@ def _run(args: argparse.Namespace) -> int:
                   "--split-scenes for one bag per scene", file=sys.stderr)
         jobs = [(args.out, [i for idx in groups.values() for i in idx])]
     for out, idx in jobs:
-        summary = convert(reader, out, plan, storage=args.storage,
-                          compressed_images=not args.raw_images, jpeg_quality=args.jpeg_quality,
-                          overwrite=args.overwrite, max_samples=args.max_samples,
-                          progress=not args.quiet, indices=idx)
+        summary = convert(reader, out, plan, max_samples=args.max_samples, indices=idx,
+                          **writer_options(args))
         print(json.dumps(summary))
     return 0
 

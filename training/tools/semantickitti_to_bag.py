@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.tools import SampleBagWriter  # noqa: E402
+from training.tools import SampleBagWriter, converter_parser, writer_options  # noqa: E402
 
 from clip2scene_core.datasets import SemanticKittiReader  # noqa: E402
 from clip2scene_core.errors import Clip2SceneError  # noqa: E402
@@ -91,30 +91,20 @@ def convert(root: Path, sequence: str, out: Path, *, storage: str = "mcap",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = converter_parser(__doc__)
     p.add_argument("--root", required=True, type=Path, help="dataset root holding sequences/")
     p.add_argument("--sequence", default="00")
-    p.add_argument("--out", required=True, type=Path, help="output rosbag2 directory (must not exist)")
-    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
-    p.add_argument("--raw-images", action="store_true", help="sensor_msgs/Image instead of JPEG")
-    p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--max-frames", type=int)
     p.add_argument("--start-time", type=float, default=1.0, help="stamp (s) of time 0 of the sequence")
     p.add_argument("--period", type=float, default=0.1, help="s between frames without times.txt")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = convert(args.root, args.sequence, args.out, storage=args.storage,
-                          compressed_images=not args.raw_images, jpeg_quality=args.jpeg_quality,
-                          overwrite=args.overwrite, max_frames=args.max_frames,
-                          start_time=args.start_time, period=args.period, progress=not args.quiet)
+        summary = convert(args.root, args.sequence, args.out, max_frames=args.max_frames,
+                          start_time=args.start_time, period=args.period, **writer_options(args))
     except (Clip2SceneError, FileNotFoundError) as exc:
         print(f"semantickitti_to_bag: error: {exc}", file=sys.stderr)
         return 2
