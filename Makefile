@@ -1,13 +1,16 @@
 # Two commands set everything up on a fresh Debian/Ubuntu machine:
 #   make demo   – segment the bundled real nuScenes sample with the default model
-#   make test   – run the whole test suite
-# Both create the virtual environment .venv with pinned versions first.
+#   make test   – run the whole test suite (needs `make ros` first, which it runs itself)
+#   make ros    – add ROS 2 Kilted (pinned PyPI wheels, requirements-ros.txt) to .venv and
+#                 build the interface packages of ros_interfaces/ into it (needs cmake, g++,
+#                 python3-dev; `make demo` does not need any of this)
+# All create the virtual environment .venv with pinned versions first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv ros demo test bench clean
 
 $(VENV)/.stamp: requirements.txt requirements-dev.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +21,29 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt setup.py
 
 venv: $(VENV)/.stamp
 
+# ROS 2 layer. The wheels install into the venv prefix (lib/, share/) and ship a .pth
+# (ros_wheels_bootstrapper) that re-executes the venv's python once with LD_LIBRARY_PATH set,
+# so .venv/bin/python and the console scripts in .venv/bin need nothing sourced; build.sh
+# installs tf2_msgs and vision_msgs into the same prefix.
+ROS_INTERFACE_FILES := ros_interfaces/build.sh $(wildcard ros_interfaces/*/package.xml \
+	ros_interfaces/*/CMakeLists.txt ros_interfaces/*/msg/*.msg)
+
+$(VENV)/.ros-stamp: requirements-ros.txt $(ROS_INTERFACE_FILES) | $(VENV)/.stamp
+	@command -v cmake >/dev/null && command -v gcc >/dev/null && command -v g++ >/dev/null \
+	  && $(PY) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || { echo "make ros needs cmake, g++ and the Python headers (Python.h): sudo apt-get install cmake g++ python3-dev" >&2; exit 1; }
+	$(PY) -m pip install --quiet --require-hashes -r requirements-ros.txt
+	bash ros_interfaces/build.sh $(VENV)
+	touch $@
+
+ros: $(VENV)/.ros-stamp
+
 demo: venv
 	$(PY) -m clip2scene_ros.demo --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-test: venv
-	$(PY) -m pytest -q test
+# CLIP2SCENE_REQUIRE_ROS=1: a missing rclpy fails the ROS tests instead of skipping them.
+test: venv ros
+	CLIP2SCENE_REQUIRE_ROS=1 $(PY) -m pytest -q test
 
 bench: venv
 	$(PY) benchmarks/backbone_throughput.py

@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             # ROS 2 executables (ros2 run clip2scene_ros <name>)
             "clip2scene_segmenter = clip2scene_ros.node:main",
+            "clip2scene_segmenter_managed = clip2scene_ros.node:main_managed",
             "replay = clip2scene_ros.replay:main",
             # the same tools under CLI names for use outside ROS
             "clip2scene-replay = clip2scene_ros.replay:main",

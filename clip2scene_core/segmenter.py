@@ -104,6 +104,30 @@ class Segmenter:
     def save(self, path: str | Path) -> None:
         save_checkpoint(path, self.to_checkpoint())
 
+    # ------------------------------------------------------------------ device memory
+    def offload(self) -> None:
+        """Move the network (and text embeddings, teacher) to the CPU and free cached GPU memory.
+
+        A managed node calls this on deactivate, so an idle segmenter holds no GPU memory;
+        `restore` moves everything back to ``self.device`` before the next frame.
+        """
+        self._move(torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore(self) -> None:
+        """Undo `offload`: everything back on ``self.device``."""
+        self._move(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        with self._lock:
+            self.model.to(device)
+            vocab, emb = self._vocab
+            self._vocab = (vocab, emb.to(device))
+        move = getattr(self.teacher, "to", None)
+        if callable(move):
+            move(device)
+
     # ------------------------------------------------------------------ vocabulary
     @property
     def vocabulary(self):

@@ -8,6 +8,7 @@ wrong type or an impossible value is a `ConfigError` naming the parameter, at st
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,10 +19,16 @@ from clip2scene_core.errors import ConfigError
 from .sync import SyncConfig
 
 NODE_NAME = "clip2scene_segmenter"
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 QOS_CHOICES = ("sensor_data", "reliable")
 TRANSPORTS = ("raw", "compressed")
+CAMERA_INFO_POLICIES = ("latest", "synchronized")
+OUTPUT_LAYOUTS = ("compact", "input")
+FILTER_MODES = ("keep", "drop")
 CAMERA_PREFIX = "camera"
+#: parameters every rclpy node may be given besides its own (``qos_overrides.*`` too)
+ROS_STANDARD_PARAMETERS = ("use_sim_time", "start_type_description_service")
 
 
 def _p(default: Any, description: str, *, dynamic: bool = False, choices: tuple[str, ...] = (),
@@ -73,13 +80,23 @@ class NodeConfig:
     clip_weights: str = _p("", "CLIP weights (local file or open_clip tag) for the checkpoint's "
                                "clip_model; enables run-time class_names and camera fusion. "
                                "Empty: the checkpoint's fixed vocabulary, LiDAR-only inference")
-    device: str = _p("auto", "inference device: auto (CUDA if available), cpu or cuda",
-                     choices=DEVICES)
+    device: str = _p("auto", "inference device: auto (CUDA if available), cpu, cuda or cuda:N")
     lidar_topic: str = _p("/points", "input sensor_msgs/PointCloud2 topic")
     cameras: list[str] = _p([], "camera names; each reads camera.<name>.image_topic/info_topic/"
                                 "transport/optical_frame")
-    qos: str = _p("sensor_data", "subscription QoS: sensor_data (best effort) or reliable",
-                  choices=QOS_CHOICES)
+    qos: str = _p("sensor_data", "subscription QoS of the LiDAR and camera topics: sensor_data "
+                                 "(best effort) or reliable; qos_overrides.<topic>.subscription.* "
+                                 "refine it per topic", choices=QOS_CHOICES)
+    output_qos: str = _p("reliable", "QoS of ~/labeled_points, ~/filtered_points and overlays: "
+                                     "reliable (depth 10) or sensor_data (best effort); "
+                                     "qos_overrides.<topic>.publisher.* refine it",
+                         choices=QOS_CHOICES)
+    camera_info_policy: str = _p(
+        "latest", "how an image gets its CameraInfo: latest (the newest CameraInfo received on "
+                  "that camera's info topic; works with latched or low-rate CameraInfo) or "
+                  "synchronized (a CameraInfo stamped within slop of the image, paired by "
+                  "message_filters' ApproximateTimeSynchronizer when installed)",
+        choices=CAMERA_INFO_POLICIES)
     queue_size: int = _p(10, "per-stream queue of the approximate-time synchroniser",
                          min_value=1, max_value=1000)
     slop: float = _p(0.05, "max stamp difference (s) between a sweep and its images",
@@ -93,8 +110,16 @@ class NodeConfig:
                                   "stamp, tf2 time travel), e.g. odom; 'auto': the first of odom, "
                                   "map, world in the TF tree; 'none' (or ''): plain lookup at the image "
                                   "stamp")
-    class_names: list[str] = _p([], "open vocabulary; empty: the checkpoint's classes "
-                                    "(changeable at run time)", dynamic=True)
+    class_names: list[str] = _p([], "open vocabulary; unset: the checkpoint's classes. Read back, "
+                                    "it is the vocabulary in effect (label i = class_names[i]); "
+                                    "changeable at run time", dynamic=True)
+    output_layout: str = _p("compact", "~/labeled_points layout: compact (finite points only, "
+                                       "height 1) or input (the input's height x width and extra "
+                                       "fields such as ring/time; invalid points unlabelled)",
+                            choices=OUTPUT_LAYOUTS)
+    filter_classes: list[str] = _p([], "class names for ~/filtered_points (empty: not published)")
+    filter_mode: str = _p("keep", "~/filtered_points keeps (keep) or removes (drop) the points of "
+                                  "filter_classes", choices=FILTER_MODES)
     publish_overlays: bool = _p(True, "publish ~/overlay/<camera> images with projected labels")
     overlay_radius: int = _p(2, "dot radius (px) of projected points in overlays",
                              min_value=0, max_value=20)
@@ -113,6 +138,8 @@ class NodeConfig:
             if meta.get("internal"):
                 continue
             value = getattr(self, f.name)
+            if f.name == "device" and not _DEVICE_RE.fullmatch(str(value)):
+                raise ConfigError(f"device: '{value}' is not one of auto, cpu, cuda, cuda:<index>")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"{f.name}: '{value}' is not one of {list(meta['choices'])}")
             if meta.get("min") is not None and value < meta["min"]:
@@ -139,6 +166,9 @@ class NodeConfig:
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"class_names must be non-empty and unique, got {self.class_names}")
         self.class_names = names
+        self.filter_classes = [str(n).strip() for n in self.filter_classes]
+        if any(not n for n in self.filter_classes):
+            raise ConfigError(f"filter_classes must be non-empty names, got {self.filter_classes}")
 
     def require_checkpoint(self) -> str:
         """The checkpoint path, or a ConfigError saying how to give one."""
@@ -222,14 +252,15 @@ def _check_type(name: str, value: Any, tp: type) -> Any:
 def from_parameters(params: dict[str, Any]) -> NodeConfig:
     """Flat ``{name: value}`` (as rclpy or a flattened params file gives them) → NodeConfig.
 
-    Unknown names are errors, except ``use_sim_time`` which every ROS node accepts.
+    Unknown names are errors, except the standard ones every rclpy node accepts
+    (`ROS_STANDARD_PARAMETERS`, ``qos_overrides.*``). Integers are accepted for doubles.
     """
     specs = {s.name: s for s in parameter_specs()}
     top: dict[str, Any] = {}
     cams: dict[str, dict[str, Any]] = {}
     unknown = []
     for name, value in params.items():
-        if name == "use_sim_time" or name.startswith("qos_overrides."):
+        if name in ROS_STANDARD_PARAMETERS or name.startswith("qos_overrides."):
             continue
         if name in specs:
             top[name] = _check_type(name, value, specs[name].type)
@@ -275,7 +306,7 @@ def load_params_file(path: str | Path, node_name: str = NODE_NAME) -> NodeConfig
     data = load_yaml(path)
     merged: dict[str, Any] = {}
     found = False
-    for key in ("/**", "**", node_name, f"/{node_name}"):
+    for key in ("/**", "**", node_name, f"/{node_name}", f"/**/{node_name}"):
         section = data.get(key)
         if section is None:
             continue

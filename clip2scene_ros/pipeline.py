@@ -13,7 +13,8 @@ size-1 newest-frame slot between callbacks and the inference thread, statistics 
 Failure policy (a bad input never stops the stream):
 - unreadable cloud / model exception → `status="error"`, no cloud, the next frame runs;
 - empty cloud (or nothing finite) → an empty labelled cloud, `status="empty"`;
-- NaN/inf points → dropped from the output cloud and counted (`dropped_nan`);
+- NaN/inf points → dropped from the compact output cloud and counted (`dropped_nan`); with
+  `output_layout="input"` they stay in place, unlabelled (see `PipelineConfig`);
 - a camera with an undecodable image, a CameraInfo that does not fit, or no transform →
   that camera is skipped with a reason; the frame goes on with the others (or LiDAR-only).
 """
@@ -35,8 +36,8 @@ from clip2scene_core.types import Calibration, CameraFrame
 from .diagnostics import DiagnosticReport, PipelineStats, WarnThrottle, reason_kind
 from .image import camera_info_to_model, compressed_to_rgb, image_to_rgb, rgb_to_image
 from .msgs import MessageFactory, default_factory, header_stamp_ns
-from .pointcloud2 import cloud_to_scan, labeled_cloud
-from .sync import FrameSync, LatestSlot, SyncConfig, SyncedFrame
+from .pointcloud2 import cloud_to_scan, kept_field_values, labeled_cloud, labeled_cloud_like
+from .sync import PAIR_LATEST, CameraInfoPairing, FrameSync, LatestSlot, SyncConfig, SyncedFrame
 
 #: (target_frame, target_stamp_ns, source_frame, source_stamp_ns) → 4×4 matrix taking source
 #: coordinates at the source stamp to target coordinates at the target stamp; raises
@@ -61,19 +62,59 @@ class CameraInput:
         return header_stamp_ns(self.image)
 
 
+OUTPUT_LAYOUTS = ("compact", "input")
+FILTER_MODES = ("keep", "drop")
+
+
 @dataclass
 class PipelineConfig:
-    """Run-time options of the pipeline (the node fills them from its parameters)."""
+    """Run-time options of the pipeline (the node fills them from its parameters).
+
+    ``output_layout`` — the labelled cloud's layout (``label`` is UINT32 in both, 65535 =
+    ``UNLABELED``; intensity keeps the input's datatype):
+
+    * ``"compact"`` (default): height 1, only points with finite x, y, z, fields
+      ``x y z [intensity] label score rgb``;
+    * ``"input"``: the input's own layout — same height × width (organised clouds stay
+      organised), every input field passes through with its datatype and count (ring, time,
+      reflectivity, ...; input ``label`` / ``score`` / ``rgb`` are replaced by ours), points with
+      non-finite x/y/z keep their coordinates and get label ``UNLABELED``, score 0 and the
+      unlabelled colour; ``is_dense`` is False when there is any such point.
+
+    ``filter_classes`` / ``filter_mode`` — an extra class-filtered cloud
+    (``PipelineOutput.filtered_cloud``; none when ``filter_classes`` is empty), compact
+    (height 1, finite points only) with the same fields as the main output: ``"keep"`` keeps the
+    points labelled with one of the classes, ``"drop"`` removes those (unlabelled points stay).
+    Names are matched against the current class names (case-insensitive) on every vocabulary
+    change; names not in the vocabulary are reported once per vocabulary and ignored.
+    """
 
     publish_overlays: bool = True
     overlay_radius: int = 2
     min_depth: float = 0.5
     scan_fields: tuple[str, ...] = ("intensity",)   # extra cloud fields read besides x, y, z
+    output_layout: str = "compact"                   # "compact" | "input"
+    filter_classes: tuple[str, ...] = ()             # class names of the filtered cloud
+    filter_mode: str = "keep"                        # "keep" | "drop" the filter_classes
+
+    def __post_init__(self) -> None:
+        if self.output_layout not in OUTPUT_LAYOUTS:
+            raise ConfigError(f"output_layout must be one of {OUTPUT_LAYOUTS}, "
+                              f"got {self.output_layout!r}")
+        if self.filter_mode not in FILTER_MODES:
+            raise ConfigError(f"filter_mode must be one of {FILTER_MODES}, got {self.filter_mode!r}")
+        names = [self.filter_classes] if isinstance(self.filter_classes, str) else self.filter_classes
+        # blank entries dropped: a ROS string-array parameter cannot be empty, [""] stands for []
+        self.filter_classes = tuple(n for n in (str(x).strip() for x in names or ()) if n)
 
     @classmethod
     def from_node_config(cls, cfg: Any) -> "PipelineConfig":
+        # getattr: node configs without the output options (older ones) keep the defaults
         return cls(publish_overlays=cfg.publish_overlays, overlay_radius=cfg.overlay_radius,
-                   min_depth=cfg.min_depth)
+                   min_depth=cfg.min_depth,
+                   output_layout=getattr(cfg, "output_layout", cls.output_layout),
+                   filter_classes=tuple(getattr(cfg, "filter_classes", ()) or ()),
+                   filter_mode=getattr(cfg, "filter_mode", cls.filter_mode))
 
 
 @dataclass
@@ -84,21 +125,24 @@ class PipelineOutput:
     frame_id: str
     status: str                                   # "ok" | "empty" | "error"
     cloud: Any = None                             # labelled sensor_msgs/PointCloud2
+    filtered_cloud: Any = None                    # class-filtered cloud; None: no filter configured
     overlays: dict[str, Any] = field(default_factory=dict)   # camera → sensor_msgs/Image
     timings: dict[str, float] = field(default_factory=dict)  # seconds: convert/voxelize/infer/publish
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     points_in: int = 0          # points in the message
     dropped_nan: int = 0        # non-finite x/y/z: not in the output cloud
-    points_out: int = 0         # points in the output cloud
+    points_out: int = 0         # points in the output cloud (all input points for layout "input")
     points_labeled: int = 0     # of those, with a label (inside the voxel range)
+    points_filtered: int = 0    # points in filtered_cloud
     cameras_used: list[str] = field(default_factory=list)
     cameras_skipped: dict[str, str] = field(default_factory=dict)   # camera → reason
     fusion_skipped: dict[str, str] = field(default_factory=dict)    # used for overlays only: why
     class_names: list[str] = field(default_factory=list)
-    labels: np.ndarray | None = None   # (points_out,) int64, -1 = unlabelled
-    scores: np.ndarray | None = None   # (points_out,) float32
-    kept: np.ndarray | None = None     # (points_in,) bool: input points present in the output cloud
+    # per point with finite x/y/z (the compact cloud's points; `kept` maps input points to them)
+    labels: np.ndarray | None = None   # (kept.sum(),) int64, -1 = unlabelled
+    scores: np.ndarray | None = None   # (kept.sum(),) float32
+    kept: np.ndarray | None = None     # (points_in,) bool, row-major: input points with finite x/y/z
     received_ns: int = 0               # when the sweep reached the node (its clock); 0 = unknown
 
     @property
@@ -166,11 +210,20 @@ class SegmentationPipeline:
         self._vocab_lock = threading.Lock()
         self._palette_key: tuple[str, ...] = ()
         self._palette = np.zeros((0, 3), np.uint8)
+        self._filter_key: tuple | None = None
+        self._filter_ids = np.zeros(0, np.int64)
 
     # -- vocabulary ------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
         return list(self.segmenter.class_names)
+
+    @property
+    def original_class_names(self) -> list[str]:
+        """The checkpoint's own classes (what an empty `set_class_names` restores)."""
+        if self._original_vocab is None:
+            return self.class_names
+        return list(self._original_vocab[0].class_names)
 
     def check_class_names(self, names: Sequence[str]) -> str | None:
         """Why `names` cannot become the vocabulary (None when it can); for parameter callbacks."""
@@ -215,6 +268,28 @@ class SegmentationPipeline:
         if key != self._palette_key:
             self._palette_key, self._palette = key, palette_for(key)
         return self._palette
+
+    def _filter_classes(self, class_names: Sequence[str]) -> tuple[np.ndarray | None, str | None]:
+        """Class indices named by ``config.filter_classes`` in ``class_names`` (None: no
+        filter), and a warning about unknown names the first time this vocabulary is seen."""
+        # read per frame: a node may change the filter options while running
+        wanted = tuple(n for n in (str(x).strip() for x in self.config.filter_classes) if n)
+        mode = self.config.filter_mode
+        if not wanted:
+            return None, None
+        key = (tuple(class_names), wanted, mode)
+        if key == self._filter_key:
+            return self._filter_ids, None
+        have = [str(n).strip().lower() for n in class_names]
+        folded = {n.lower() for n in wanted}
+        unknown = [n for n in wanted if n.lower() not in have]
+        self._filter_ids = np.array([i for i, n in enumerate(have) if n in folded], dtype=np.int64)
+        self._filter_key = key
+        warning = None
+        if unknown:
+            warning = (f"filter_classes {unknown} are not among the current classes "
+                       f"{list(class_names)}: ignored by the {mode!r} filter")
+        return self._filter_ids, warning
 
     # -- cameras ---------------------------------------------------------------------------
     def camera_frame(self, cam: CameraInput, lidar_frame: str, lidar_stamp_ns: int,
@@ -302,16 +377,52 @@ class SegmentationPipeline:
         out.points_labeled = int(np.count_nonzero(labels >= 0))
         pal = self.palette(out.class_names)
         colors = colorize(labels, palette=pal)
-        intensity = scan.column("intensity") if (
-            scan.has("intensity") and "intensity" not in stats.missing_fields) else None
-        out.cloud = labeled_cloud(cloud_msg.header, scan.xyz, labels, scores, intensity=intensity,
-                                  rgb=colors, msg_factory=self.factory)
+        filter_ids, filter_warning = self._filter_classes(out.class_names)
+        if filter_warning:
+            out.warnings.append(filter_warning)
+        chosen = None
+        if filter_ids is not None:
+            chosen = np.isin(labels, filter_ids)
+            if self.config.filter_mode == "drop":
+                chosen = ~chosen
+            out.points_filtered = int(np.count_nonzero(chosen))
+        if self.config.output_layout == "input":
+            self._input_layout_clouds(out, cloud_msg, stats.kept, labels, scores, pal, chosen)
+        else:
+            # the input's own intensity values and datatype (the Scan holds float32 copies)
+            intensity = kept_field_values(cloud_msg, stats, "intensity") if scan.has("intensity") else None
+            out.cloud = labeled_cloud(cloud_msg.header, scan.xyz, labels, scores, intensity=intensity,
+                                      rgb=colors, msg_factory=self.factory)
+            if chosen is not None:
+                out.filtered_cloud = labeled_cloud(
+                    cloud_msg.header, scan.xyz[chosen], labels[chosen], scores[chosen],
+                    intensity=None if intensity is None else intensity[chosen], rgb=colors[chosen],
+                    msg_factory=self.factory)
         if self.config.publish_overlays:
             for frame in frames:
                 if overlay_cameras is None or frame.name in overlay_cameras:
                     out.overlays[frame.name] = self._overlay(frame, scan.xyz, colors, cameras)
         out.timings["publish"] = time.perf_counter() - t1
         return out
+
+    def _input_layout_clouds(self, out: PipelineOutput, cloud_msg: Any, kept: np.ndarray,
+                             labels: np.ndarray, scores: np.ndarray, pal: np.ndarray,
+                             chosen: np.ndarray | None) -> None:
+        """`output_layout="input"`: the labelled cloud (and filtered cloud) in the input's fields."""
+        n = kept.size
+        full_labels = np.full(n, -1, np.int64)
+        full_labels[kept] = labels
+        full_scores = np.zeros(n, np.float32)
+        full_scores[kept] = scores
+        full_colors = colorize(full_labels, palette=pal)
+        out.cloud = labeled_cloud_like(cloud_msg, full_labels, full_scores, full_colors,
+                                       msg_factory=self.factory)
+        out.points_out = n
+        if chosen is not None:
+            select = np.zeros(n, bool)
+            select[kept] = chosen
+            out.filtered_cloud = labeled_cloud_like(cloud_msg, full_labels, full_scores, full_colors,
+                                                    select=select, msg_factory=self.factory)
 
     def process_frame(self, frame: SyncedFrame, tf_lookup: TfLookup | None = None,
                       overlay_cameras: Collection[str] | None = None) -> PipelineOutput:
@@ -346,9 +457,15 @@ class PipelineRunner:
                  clock: Callable[[], int] | None = None,
                  warn: Callable[[str], None] | None = None, warn_throttle_s: float = 5.0,
                  device: str = "",
-                 overlay_cameras: Callable[[], Collection[str] | None] | None = None) -> None:
+                 overlay_cameras: Callable[[], Collection[str] | None] | None = None,
+                 camera_info_policy: str = PAIR_LATEST) -> None:
         self.pipeline = pipeline
         self.sync = FrameSync(camera_names, sync_config or SyncConfig())
+        # image ↔ CameraInfo, per camera (used by on_image / on_camera_info; a node whose
+        # message_filters pairs them itself calls on_camera directly)
+        self.pairings = {name: CameraInfoPairing(camera_info_policy, sync_config or SyncConfig())
+                         for name in camera_names}
+        self._optical_frames: dict[str, str] = {}
         self.slot: LatestSlot[SyncedFrame] = LatestSlot()
         self.tf_lookup = tf_lookup
         self.clock = clock or time.time_ns
@@ -379,7 +496,43 @@ class PipelineRunner:
                 stamp = now
             self._offer(self.sync.add_camera(name, cam, stamp, now))
 
+    def on_image(self, name: str, image: Any, optical_frame: str = "") -> None:
+        """An image of camera `name`; it goes on once it has its CameraInfo (see `pairings`)."""
+        pairing = self.pairings.get(name)
+        if pairing is None:
+            return
+        now = self.clock()
+        self._optical_frames[name] = optical_frame
+        try:
+            stamp = header_stamp_ns(image)
+        except (AttributeError, TypeError):
+            stamp = now
+        before = pairing.counters.no_info
+        for img, info in pairing.on_image(image, stamp, now):
+            self.on_camera(name, img, info, optical_frame)
+        if pairing.counters.no_info > before:
+            self._warn(("no_info", name), f"camera '{name}': no CameraInfo received yet, image "
+                       "dropped (a latched CameraInfo needs a transient_local subscription: "
+                       "qos_overrides.<info topic>.subscription.durability)")
+
+    def on_camera_info(self, name: str, info: Any) -> None:
+        """A CameraInfo of camera `name` (cached; releases images waiting for it)."""
+        pairing = self.pairings.get(name)
+        if pairing is None:
+            return
+        now = self.clock()
+        try:
+            stamp = header_stamp_ns(info)
+        except (AttributeError, TypeError):
+            stamp = now
+        for img, paired in pairing.on_info(info, stamp, now):
+            self.on_camera(name, img, paired, self._optical_frames.get(name, ""))
+
     def on_timer(self) -> None:
+        now = self.clock()
+        for name, pairing in self.pairings.items():
+            for img, info in pairing.poll(now):
+                self.on_camera(name, img, info, self._optical_frames.get(name, ""))
         with self._lock:
             self._offer(self.sync.poll(self.clock()))
 
@@ -423,7 +576,14 @@ class PipelineRunner:
     def diagnostics(self) -> DiagnosticReport:
         with self._lock:
             self.stats.dropped_sync = self.sync.counters.lidar_overflow
-            return self.stats.report(self.clock())
+            report = self.stats.report(self.clock())
+        for name, pairing in self.pairings.items():
+            c = pairing.counters
+            if c.no_info:
+                report.values[f"camera.{name}.dropped[no CameraInfo yet]"] = str(c.no_info)
+            if c.unmatched:
+                report.values[f"camera.{name}.dropped[no CameraInfo within slop]"] = str(c.unmatched)
+        return report
 
     def _warn(self, key: Any, text: str) -> None:
         if self.warn is not None and self.throttle.should_log(key, self.clock()):

@@ -14,8 +14,14 @@ and non-dense clouds holding NaN. Differences from sensor_msgs_py, on purpose:
 * ``uvs`` indexes the cloud itself (before NaN points are skipped) and also takes (u, v) pairs;
 * malformed messages raise ``InvalidPointCloudError`` instead of ``AssertionError``.
 
-On top of that: ``cloud_to_scan`` (message → ``clip2scene_core.types.Scan``) and
-``labeled_cloud`` (segmentation result → output cloud with label / score / packed rgb).
+On top of that: ``cloud_to_scan`` (message → ``clip2scene_core.types.Scan``),
+``labeled_cloud`` (segmentation result → compact output cloud with label / score / packed rgb)
+and ``labeled_cloud_like`` (the same result in the input cloud's own layout: organised clouds
+stay H×W, every input field passes through).
+
+Labelled clouds carry ``label`` as UINT32 (what PCL's ``PointXYZL`` / ``PointXYZRGBL`` read;
+``pcl::fromROSMsg`` drops a UINT16 label), ``UNLABELED`` (65535) for points without a class,
+``score`` FLOAT32 and ``rgb`` FLOAT32 holding 0x00RRGGBB.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ __all__ = [
     "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "FLOAT32", "FLOAT64", "DATATYPES",
     "DUMMY_FIELD_PREFIX", "UNLABELED", "FIELD_ALIASES", "dtype_from_fields", "fields_from_dtype",
     "read_points", "read_points_numpy", "read_points_list", "create_cloud", "create_cloud_xyz32",
-    "CloudStats", "cloud_to_scan", "scan_to_cloud", "labeled_cloud", "pack_rgb", "unpack_rgb",
+    "CloudStats", "cloud_to_scan", "kept_field_values", "scan_to_cloud", "labeled_cloud",
+    "labeled_cloud_like", "LABEL_DATATYPE", "OUTPUT_FIELDS", "pack_rgb", "unpack_rgb",
     "make_point_field",
 ]
 
@@ -50,8 +57,14 @@ _CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt 
 
 # Unnamed fields get this name plus their index (as in sensor_msgs_py).
 DUMMY_FIELD_PREFIX = "unnamed_field"
-# Label written for points the segmenter dropped (label -1); UINT16 cannot hold -1.
+# Label written for points without a class (segmenter label -1: out of range, NaN, ...).
+# The output ``label`` field is UINT32 (``LABEL_DATATYPE``); the sentinel stays 65535 so that it
+# is also the ignore value of UINT16 ground-truth clouds (``bag.LABEL_IGNORE``) and of label
+# clouds written before the field became UINT32. Class indices must stay below it.
 UNLABELED = 65535
+LABEL_DATATYPE = UINT32
+# Fields the segmentation writes; an input field of one of these names is replaced.
+OUTPUT_FIELDS = ("label", "score", "rgb")
 # Names under which drivers publish a field that ``cloud_to_scan`` asks for.
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "intensity": ("intensity", "i", "remission", "reflectance"),
@@ -359,6 +372,9 @@ class CloudStats:
     field_sources: dict[str, str] = field(default_factory=dict)  # requested → message field
     organized: bool = False            # height > 1
     kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n_points,) row-major
+    # requested → dtype (native byte order) of the message field it was read from; the Scan
+    # holds float32, this says what the cloud had (e.g. uint8 intensity of a Velodyne driver)
+    field_dtypes: dict[str, np.dtype] = field(default_factory=dict)
 
 
 def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
@@ -382,6 +398,7 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
         cols[:, i] = flat[c]
     missing: list[str] = []
     sources: dict[str, str] = {}
+    dtypes: dict[str, np.dtype] = {}
     for j, name in enumerate(extras):
         src = next((a for a in aliases.get(name, (name,)) if a in names), None)
         if src is None and name in names:
@@ -391,6 +408,7 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
             cols[:, 3 + j] = 0.0
         else:
             sources[name] = src
+            dtypes[name] = flat.dtype.fields[src][0].newbyteorder("=")
             cols[:, 3 + j] = flat[src]
     kept = np.all(np.isfinite(cols[:, :3]), axis=1)
     pts = cols[kept]
@@ -402,8 +420,29 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
                 stamp_ns=header_stamp_ns(msg))
     stats = CloudStats(n_points=n, n_kept=int(kept.sum()), n_nonfinite=int(n - kept.sum()),
                        n_feature_nonfinite=n_feat_bad, missing_fields=tuple(missing),
-                       field_sources=sources, organized=int(msg.height) > 1, kept=kept)
+                       field_sources=sources, organized=int(msg.height) > 1, kept=kept,
+                       field_dtypes=dtypes)
     return scan, stats
+
+
+def kept_field_values(msg: Any, stats: CloudStats, name: str) -> np.ndarray | None:
+    """Values of the message field behind the Scan column ``name``, in the message's datatype.
+
+    One value per point ``cloud_to_scan`` kept (``stats.kept``), native byte order; non-finite
+    floats are 0 as in the Scan. None when the cloud lacks the field (``stats.missing_fields``).
+    Used to write e.g. a uint8 intensity back as uint8 (the Scan holds float32).
+    """
+    src = stats.field_sources.get(name)
+    if src is None:
+        return None
+    values = read_points(msg, [src])[src].reshape(-1)
+    if values.size != stats.kept.size:
+        raise InvalidPointCloudError(
+            f"cloud has {values.size} points but the CloudStats describe {stats.kept.size}")
+    values = values[stats.kept]
+    if values.dtype.kind == "f":
+        values[~np.isfinite(values)] = 0
+    return values
 
 
 def scan_to_cloud(scan: Scan, header: Any = None,
@@ -427,54 +466,139 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
         raise InvalidPointCloudError(str(exc)) from None
 
 
+def _label_values(labels: np.ndarray) -> np.ndarray:
+    """Segmenter labels (-1 = none) → UINT32 ``label`` values (``UNLABELED`` for -1)."""
+    if labels.dtype.kind not in "iu":
+        raise InvalidPointCloudError(f"labels must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < -1 or labels.max() >= UNLABELED):
+        raise InvalidPointCloudError(
+            f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
+    return np.where(labels < 0, UNLABELED, labels).astype(DATATYPES[LABEL_DATATYPE])
+
+
+def _packed_rgb(rgb: np.ndarray, n: int) -> np.ndarray:
+    """(n, 3) uint8 colours or already-packed (n,) 32-bit values → (n,) float32 field values."""
+    rgb = np.asarray(rgb)
+    packed = pack_rgb(rgb) if rgb.ndim == 2 else rgb
+    if packed.shape != (n,):
+        raise InvalidPointCloudError(f"rgb must have shape ({n}, 3) or ({n},), got {rgb.shape}")
+    if packed.dtype.itemsize != 4:
+        raise InvalidPointCloudError(f"packed rgb must be 32-bit, got {packed.dtype}")
+    return np.ascontiguousarray(packed).view(np.float32)
+
+
+def _output_columns(n: int, labels: Any, scores: Any,
+                    rgb: Any) -> list[tuple[str, int, np.ndarray]]:
+    """(name, datatype, values) of label, score and [rgb], checked against ``n`` points."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    for name, values in (("labels", labels), ("scores", scores)):
+        if values.shape != (n,):
+            raise InvalidPointCloudError(f"{name} must have shape ({n},), got {values.shape}")
+    cols = [("label", LABEL_DATATYPE, _label_values(labels)),
+            ("score", FLOAT32, scores.astype(np.float32))]
+    if rgb is not None:
+        cols.append(("rgb", FLOAT32, _packed_rgb(rgb, n)))
+    return cols
+
+
+def _append_fields(cols: Sequence[tuple[str, int, np.ndarray]], offset: int,
+                   factory: MessageFactory) -> tuple[list[Any], int]:
+    """PointFields for ``cols`` laid out from byte ``offset`` (natural alignment), and the
+    point_step (a multiple of 4)."""
+    fields = []
+    for name, code, _ in cols:
+        size = DATATYPES[code].itemsize
+        offset = -(-offset // size) * size  # natural alignment: floats on 4-byte boundaries
+        fields.append(make_point_field(name, offset, code, 1, factory))
+        offset += size
+    return fields, -(-offset // 4) * 4
+
+
+def _intensity_code(values: np.ndarray, datatype: int | None) -> int:
+    if datatype is not None:
+        if datatype not in DATATYPES:
+            raise InvalidPointCloudError(f"intensity_datatype {datatype} is not a PointField datatype")
+        return int(datatype)
+    # the array's own datatype (uint8 stays UINT8, float32 FLOAT32); others become FLOAT32
+    return _CODES.get((values.dtype.kind, values.dtype.itemsize), FLOAT32) \
+        if values.dtype.kind in "iuf" else FLOAT32
+
+
 def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                   intensity: np.ndarray | None = None, rgb: np.ndarray | None = None,
-                  msg_factory: MessageFactory | None = None) -> Any:
-    """Output cloud: x, y, z, [intensity], label (UINT16), score (FLOAT32), [rgb].
+                  msg_factory: MessageFactory | None = None, *,
+                  intensity_datatype: int | None = None) -> Any:
+    """Compact output cloud (height 1): x, y, z (FLOAT32), [intensity], label (UINT32),
+    score (FLOAT32), [rgb (FLOAT32)].
 
-    Label -1 (a point the segmenter dropped) is written as ``UNLABELED`` (65535). ``rgb`` is
-    (N, 3) uint8 colours (packed here) or already-packed (N,) float32/uint32.
+    Label -1 (a point the segmenter dropped) is written as ``UNLABELED`` (65535). ``intensity``
+    keeps its array's datatype (uint8 → UINT8, float32 → FLOAT32; a type PointField cannot hold,
+    e.g. int64, becomes FLOAT32) unless ``intensity_datatype`` names one. ``rgb`` is (N, 3)
+    uint8 colours (packed here) or already-packed (N,) float32/uint32.
     """
     factory = msg_factory or default_factory()
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise InvalidPointCloudError(f"xyz must be (N, 3), got {xyz.shape}")
     n = xyz.shape[0]
-
-    def column(name: str, values: np.ndarray) -> np.ndarray:
-        values = np.asarray(values)
-        if values.shape != (n,):
-            raise InvalidPointCloudError(f"{name} must have shape ({n},), got {values.shape}")
-        return values
-
-    labels = column("labels", labels)
-    if labels.dtype.kind not in "iu":
-        raise InvalidPointCloudError(f"labels must be integers, got {labels.dtype}")
-    if n and (labels.min() < -1 or labels.max() >= UNLABELED):
-        raise InvalidPointCloudError(
-            f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
-    labels = np.where(labels < 0, UNLABELED, labels).astype(np.uint16)
-    scores = column("scores", scores).astype(np.float32)
     cols: list[tuple[str, int, np.ndarray]] = [
         ("x", FLOAT32, xyz[:, 0]), ("y", FLOAT32, xyz[:, 1]), ("z", FLOAT32, xyz[:, 2])]
     if intensity is not None:
-        cols.append(("intensity", FLOAT32, column("intensity", intensity)))
-    cols += [("label", UINT16, labels), ("score", FLOAT32, scores)]
-    if rgb is not None:
-        rgb = np.asarray(rgb)
-        packed = pack_rgb(rgb) if rgb.ndim == 2 else column("rgb", rgb)
-        if packed.dtype.itemsize != 4:
-            raise InvalidPointCloudError(f"packed rgb must be 32-bit, got {packed.dtype}")
-        cols.append(("rgb", FLOAT32, np.ascontiguousarray(packed).view(np.float32)))
-    fields, offset = [], 0
-    for name, code, _ in cols:
-        size = DATATYPES[code].itemsize
-        offset = -(-offset // size) * size  # natural alignment: floats on 4-byte boundaries
-        fields.append(make_point_field(name, offset, code, 1, factory))
-        offset += size
-    step = -(-offset // 4) * 4
+        intensity = np.asarray(intensity)
+        if intensity.shape != (n,):
+            raise InvalidPointCloudError(f"intensity must have shape ({n},), got {intensity.shape}")
+        cols.append(("intensity", _intensity_code(intensity, intensity_datatype), intensity))
+    cols += _output_columns(n, labels, scores, rgb)
+    fields, step = _append_fields(cols, 0, factory)
     dt = dtype_from_fields(fields, step)
     points = np.empty(n, dtype=dt.newbyteorder("="))
     for name, _, values in cols:
         points[name] = values
     return create_cloud(header, fields, points, point_step=step, msg_factory=factory)
+
+
+def labeled_cloud_like(cloud: Any, labels: np.ndarray, scores: np.ndarray,
+                       rgb: np.ndarray | None = None, *, select: np.ndarray | None = None,
+                       msg_factory: MessageFactory | None = None) -> Any:
+    """Output cloud in the layout of the input ``cloud``: its header, every point and field.
+
+    ``labels`` / ``scores`` / ``rgb`` hold one value per input point (row-major, NaN points
+    included: give them label -1 → ``UNLABELED``). All input fields pass through at their
+    offsets with their datatype and count (ring, time, t, reflectivity, intensity ...), except
+    ``label`` / ``score`` / ``rgb`` (``OUTPUT_FIELDS``), which are replaced by ours, appended after
+    the input fields. An organised cloud stays height × width; ``is_dense`` is True only when
+    every point has finite x, y, z. The output is little-endian whatever the input was.
+
+    ``select``: (N,) bool; when given, only those points, as an unorganised (height 1) cloud
+    (same fields): the class-filtered cloud in the input's fields.
+    """
+    factory = msg_factory or default_factory()
+    view = _cloud_view(cloud)
+    n = view.size
+    absent = [c for c in "xyz" if c not in view.dtype.names]
+    if absent:
+        raise InvalidPointCloudError(f"cloud has no {absent} field(s) (fields: {list(view.dtype.names)})")
+    cols = _output_columns(n, labels, scores, rgb)
+    passed = [t for t in (_field_tuple(f, i) for i, f in enumerate(cloud.fields))
+              if t[0] not in OUTPUT_FIELDS]
+    in_fields = [make_point_field(*t, msg_factory=factory) for t in passed]
+    end = dtype_from_fields(in_fields).itemsize if in_fields else 0
+    out_fields, step = _append_fields(cols, end, factory)
+    fields = in_fields + out_fields
+    dt = dtype_from_fields(fields, step)
+    src = _select(view, [nm for nm in dt.names if nm in view.dtype.names]).reshape(-1)
+    points = np.empty(n, dtype=[(nm, dt.fields[nm][0].newbyteorder("=")) for nm in dt.names])
+    for nm in src.dtype.names:
+        points[nm] = src[nm]
+    for name, _, values in cols:
+        points[name] = values
+    if select is not None:
+        select = np.asarray(select)
+        if select.shape != (n,) or select.dtype != bool:
+            raise InvalidPointCloudError(f"select must be ({n},) bool, got {select.shape} {select.dtype}")
+        points = points[select]
+    else:
+        points = points.reshape(view.shape)
+    is_dense = all(bool(np.all(np.isfinite(points[c]))) for c in "xyz")
+    return create_cloud(cloud.header, fields, points, point_step=step, is_dense=is_dense,
+                        msg_factory=factory)

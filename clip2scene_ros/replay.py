@@ -530,6 +530,8 @@ class Replay:
         xyz_arr = read_points(out.cloud, ["x", "y", "z"])
         xyz = np.stack([xyz_arr["x"], xyz_arr["y"], xyz_arr["z"]], axis=1).reshape(-1, 3)
         labels = np.asarray(out.labels)
+        if len(xyz) != len(labels) and out.kept is not None:   # output_layout: input
+            xyz = xyz[np.asarray(out.kept).reshape(-1)]
         names = out.class_names
         d = self.report_dir / "renders"
         self.renders.append(str(render_bev(xyz, labels, names, d / f"frame_{index:04d}_bev.png",

@@ -246,6 +246,88 @@ class LatestSlot(Generic[T]):
             self._closed = True
             self._cond.notify_all()
 
+    def reopen(self) -> None:
+        """Accept frames again after `close` (a managed node that is re-activated)."""
+        with self._cond:
+            self._closed = False
+            self._item, self._full = None, False
+
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+# -- image ↔ CameraInfo ------------------------------------------------------------------------
+PAIR_LATEST = "latest"
+PAIR_SYNCHRONIZED = "synchronized"
+
+
+@dataclass
+class PairingCounters:
+    images: int = 0
+    infos: int = 0
+    paired: int = 0
+    no_info: int = 0        # images dropped: no CameraInfo received yet (latest)
+    unmatched: int = 0      # images dropped: no CameraInfo within slop (synchronized)
+
+
+class CameraInfoPairing:
+    """Gives each image of one camera its CameraInfo, before the sweep matching.
+
+    ``latest`` (the node's default): the newest CameraInfo received is cached and attached to
+    every image, so a latched (transient-local) or low-rate CameraInfo keeps the camera alive;
+    intrinsics rarely change. ``synchronized``: an image is paired with the CameraInfo whose
+    stamp is closest within ``slop`` (the same approximate-time policy as `FrameSync`, for
+    rigs whose CameraInfo changes per frame, e.g. zoom lenses); this is the project's own
+    stand-in for message_filters' ApproximateTimeSynchronizer where that is not installed.
+    Methods return the (image, info) pairs that became ready.
+    """
+
+    def __init__(self, policy: str = PAIR_LATEST, config: SyncConfig | None = None) -> None:
+        if policy not in (PAIR_LATEST, PAIR_SYNCHRONIZED):
+            raise ConfigError(f"camera_info_policy: '{policy}' is not one of "
+                              f"{[PAIR_LATEST, PAIR_SYNCHRONIZED]}")
+        self.policy = policy
+        self.counters = PairingCounters()
+        self._latest: Any = None
+        self._sync = FrameSync(("info",), config) if policy == PAIR_SYNCHRONIZED else None
+        self._lock = threading.Lock()
+
+    @property
+    def latest_info(self) -> Any:
+        return self._latest
+
+    def on_info(self, info: Any, stamp_ns: int, now_ns: int) -> list[tuple[Any, Any]]:
+        with self._lock:
+            self.counters.infos += 1
+            self._latest = info
+            if self._sync is None:
+                return []
+            return self._pairs(self._sync.add_camera("info", info, stamp_ns, now_ns))
+
+    def on_image(self, image: Any, stamp_ns: int, now_ns: int) -> list[tuple[Any, Any]]:
+        with self._lock:
+            self.counters.images += 1
+            if self._sync is not None:
+                return self._pairs(self._sync.add_lidar(image, stamp_ns, now_ns))
+            if self._latest is None:
+                self.counters.no_info += 1
+                return []
+            self.counters.paired += 1
+            return [(image, self._latest)]
+
+    def poll(self, now_ns: int) -> list[tuple[Any, Any]]:
+        """Release (and count) images whose CameraInfo did not come (synchronized only)."""
+        with self._lock:
+            return [] if self._sync is None else self._pairs(self._sync.poll(now_ns))
+
+    def _pairs(self, frames: list[SyncedFrame]) -> list[tuple[Any, Any]]:
+        out = []
+        for frame in frames:
+            info = frame.cameras.get("info")
+            if info is None:
+                self.counters.unmatched += 1
+                continue
+            self.counters.paired += 1
+            out.append((frame.lidar, info))
+        return out

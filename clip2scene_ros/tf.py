@@ -14,6 +14,8 @@ compensation through a fixed frame, or a plain lookup), over either backend: thi
 from __future__ import annotations
 
 import bisect
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -28,7 +30,7 @@ from .msgs import MessageFactory, default_factory, make_header, stamp_to_ns
 
 __all__ = ["transform_to_matrix", "matrix_to_transform", "TransformBuffer", "DEFAULT_CACHE_NS",
            "TfBackend", "Tf2Backend", "TfResolver", "AUTO_FIXED_FRAME", "AUTO_FIXED_FRAME_CANDIDATES",
-           "NO_FIXED_FRAME"]
+           "NO_FIXED_FRAME", "ListenerBuffer"]
 
 DEFAULT_CACHE_NS = 10_000_000_000  # tf2's default cache time: 10 s
 _QUAT_NORM_TOL = 1e-3              # tf2 rejects quaternions that are not (nearly) unit length
@@ -355,6 +357,72 @@ class Tf2Backend:
         tree = yaml.safe_load(self.buffer.all_frames_as_yaml() or "") or {}
         return frame in tree or any(isinstance(v, dict) and v.get("parent") == frame
                                     for v in tree.values())
+
+
+class ListenerBuffer:
+    """A tf2_ros-free TF listener's buffer: `TransformBuffer` + locking + waiting lookups.
+
+    Where tf2_ros is not installed (rclpy from pip), the node subscribes to ``/tf`` and
+    ``/tf_static`` itself and hands every ``tf2_msgs/TFMessage`` to `on_tf` / `on_tf_static`
+    from its executor threads; the inference thread's lookups wait up to ``timeout_s`` for
+    data that has not arrived yet, as ``tf2_ros.Buffer.lookup_transform(..., timeout)`` does.
+    One bad transform in a message (non-unit quaternion, loop, empty frame) is counted in
+    ``rejected`` and the others are kept. Implements `TfBackend`.
+    """
+
+    def __init__(self, timeout_s: float = 0.0, cache_duration_ns: int = DEFAULT_CACHE_NS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.buffer = TransformBuffer(cache_duration_ns)
+        self.timeout_s = max(0.0, float(timeout_s))
+        self.clock = clock
+        self.rejected = 0
+        self.last_error = ""
+        self._cond = threading.Condition()
+
+    # -- filling (subscription callbacks, any thread) ---------------------------------------------
+    def on_tf(self, msg: Any) -> int:
+        return self._add(msg, static=False)
+
+    def on_tf_static(self, msg: Any) -> int:
+        return self._add(msg, static=True)
+
+    def _add(self, msg: Any, static: bool) -> int:
+        added = 0
+        with self._cond:
+            for transform in getattr(msg, "transforms", ()):
+                try:
+                    self.buffer.add(transform, static)
+                    added += 1
+                except (TransformError, AttributeError, TypeError, ValueError) as exc:
+                    self.rejected += 1
+                    self.last_error = str(exc)
+            self._cond.notify_all()
+        return added
+
+    # -- TfBackend -----------------------------------------------------------------------------
+    def _wait_for(self, query: Callable[[], np.ndarray]) -> np.ndarray:
+        deadline = self.clock() + self.timeout_s
+        with self._cond:
+            while True:
+                try:
+                    return query()
+                except TransformError:
+                    remaining = deadline - self.clock()
+                    if remaining <= 0:
+                        raise
+                    self._cond.wait(remaining)
+
+    def lookup(self, target_frame: str, source_frame: str, stamp_ns: int) -> np.ndarray:
+        return self._wait_for(lambda: self.buffer.lookup(target_frame, source_frame, stamp_ns))
+
+    def lookup_full(self, target_frame: str, target_stamp_ns: int, source_frame: str,
+                    source_stamp_ns: int, fixed_frame: str) -> np.ndarray:
+        return self._wait_for(lambda: self.buffer.lookup_full(
+            target_frame, target_stamp_ns, source_frame, source_stamp_ns, fixed_frame))
+
+    def has_frame(self, frame: str) -> bool:
+        with self._cond:
+            return self.buffer.has_frame(frame)
 
 
 class TfResolver:

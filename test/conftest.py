@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # Text-embedding caches of the tests go to a throw-away folder, never the user's cache.
 os.environ["CLIP2SCENE_CACHE"] = tempfile.mkdtemp(prefix="clip2scene-test-cache-")
+# DDS: each test run gets its own domain and discovers only on this machine, so parallel
+# runs (and anything else on the network) never see each other's topics. Set before any
+# rclpy.init and inherited by the node processes the tests start. (ROS_DOMAIN_ID 1-101 is
+# valid on every OS; ROS_AUTOMATIC_DISCOVERY_RANGE is Iron+, ROS_LOCALHOST_ONLY older distros.)
+os.environ["ROS_DOMAIN_ID"] = os.environ.get("CLIP2SCENE_TEST_DOMAIN_ID") or str(random.randint(1, 101))
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,26 @@ def test_cloud_and_camera_callbacks_produce_labelled_cloud_and_overlay(pipeline,
     assert report.values["latency_mean_s"] == "0.0600"
 
 
+def test_image_waits_for_a_camera_info_then_uses_the_latest(pipeline, nusc, factory):
+    """The node's own image/CameraInfo pairing: one (latched) CameraInfo serves every image."""
+    clock = FakeClock(LIDAR_STAMP)
+    warnings: list[str] = []
+    runner = runner_for(pipeline, clock=clock, warnings=warnings)
+    cam = make_camera(nusc, factory)
+    runner.on_image("front", cam.image)                  # no CameraInfo yet: dropped, said why
+    assert any("no CameraInfo" in w for w in warnings)
+    runner.on_camera_info("front", cam.info)             # once, as a latched publisher sends it
+    for i in range(2):
+        offset = i * 100 * MS
+        clock.now = LIDAR_STAMP + offset
+        runner.on_image("front", make_camera(nusc, factory, stamp_ns=FRONT_STAMP + offset).image)
+        runner.on_cloud(small_cloud(nusc, factory, LIDAR_STAMP + offset))
+    out = runner.step(timeout=0)                         # the first sweep, closed by image 2
+    assert out is not None and out.cameras_used == ["front"] and out.stamp_ns == LIDAR_STAMP
+    values = runner.diagnostics().values
+    assert values["camera.front.dropped[no CameraInfo yet]"] == "1"
+
+
 def test_slow_inference_keeps_only_the_newest_frame(pipeline, nusc, factory):
     clock = FakeClock(LIDAR_STAMP)
     runner = runner_for(pipeline, cameras=(), clock=clock)
@@ -272,7 +292,7 @@ def test_stats_report_goes_stale_without_output():
 def test_config_file_matches_node_parameters(repo_root):
     path = repo_root / "config" / "segment.yaml"
     cfg = load_params_file(path)
-    raw = flatten(yaml.safe_load(path.read_text())[NODE_NAME]["ros__parameters"])
+    raw = flatten(yaml.safe_load(path.read_text())["/**"]["ros__parameters"])
     defaults = {s.name: s.default for s in parameter_specs()}
     assert set(raw) <= set(defaults)
     # the file documents the defaults: they must not drift from node_config
@@ -314,7 +334,14 @@ def test_params_file_formats(tmp_path):
     ({"queue_size": 0}, "minimum"),
     ({"slop": -0.5}, "slop"),
     ({"device": "tpu"}, "device"),
+    ({"device": "cuda:x"}, "device"),
+    ({"device": "cuda:"}, "device"),
     ({"qos": "fast"}, "qos"),
+    ({"output_qos": "fast"}, "output_qos"),
+    ({"camera_info_policy": "newest"}, "camera_info_policy"),
+    ({"output_layout": "organized"}, "output_layout"),
+    ({"filter_mode": "both"}, "filter_mode"),
+    ({"filter_classes": ["car", " "]}, "filter_classes"),
     ({"cameras": ["front", "front"]}, "unique"),
     ({"cameras": ["front/left"]}, "letters"),
     ({"cameras": "front"}, "list of strings"),
@@ -329,6 +356,14 @@ def test_params_file_formats(tmp_path):
 def test_invalid_parameters_are_clear_errors(params, message):
     with pytest.raises(ConfigError, match=message):
         from_parameters(params)
+
+
+def test_node_accepts_gpu_index_ints_for_doubles_and_standard_ros_keys():
+    cfg = from_parameters({"device": "cuda:1", "slop": 1, "camera_timeout": 2,
+                           "use_sim_time": True, "start_type_description_service": False,
+                           "qos_overrides./points.subscription.reliability": "reliable"})
+    assert cfg.device == "cuda:1" and cfg.slop == 1.0 and isinstance(cfg.slop, float)
+    assert cfg.camera_timeout == 2.0
 
 
 def test_parameter_round_trip_and_specs():
@@ -399,7 +434,12 @@ def test_node_module_is_thin_glue(repo_root):
         elif isinstance(n, ast.ImportFrom) and n.module:
             imported.add(n.module.split(".")[0])
     assert "torch" not in imported and "cv2" not in imported
-    assert {"rclpy", "message_filters", "tf2_ros", "diagnostic_msgs"} <= imported
+    assert {"rclpy", "diagnostic_msgs", "sensor_msgs", "std_msgs"} <= imported
+    # the optional packages are looked up at run time, with our own code as the fallback
+    optional = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "optional_module" and n.args
+                and isinstance(n.args[0], ast.Constant)}
+    assert {"tf2_ros", "message_filters", "vision_msgs.msg", "tf2_msgs.msg"} <= optional
 
 
 def _fake_launch_modules(monkeypatch) -> dict:
@@ -425,6 +465,9 @@ def _fake_launch_modules(monkeypatch) -> dict:
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
+    class LifecycleNode(Node):
+        pass
+
     class ParameterValue:
         def __init__(self, value, *, value_type=None):
             self.value, self.value_type = value, value_type
@@ -441,7 +484,7 @@ def _fake_launch_modules(monkeypatch) -> dict:
         "launch.actions": {"DeclareLaunchArgument": DeclareLaunchArgument, "OpaqueFunction": OpaqueFunction},
         "launch.substitutions": {"LaunchConfiguration": LaunchConfiguration},
         "launch_ros": {},
-        "launch_ros.actions": {"Node": Node},
+        "launch_ros.actions": {"Node": Node, "LifecycleNode": LifecycleNode},
         "launch_ros.parameter_descriptions": {"ParameterValue": ParameterValue},
         "launch_ros.substitutions": {"FindPackageShare": FindPackageShare},
     }
@@ -469,390 +512,80 @@ def test_launch_defaults_use_the_config_file(repo_root, monkeypatch):
     assert len(actions) == 1
     kw = actions[0].kwargs
     assert (kw["package"], kw["executable"], kw["name"]) == ("clip2scene_ros", NODE_NAME, NODE_NAME)
+    assert kw["namespace"] == "" and kw["remappings"] == []
     assert kw["parameters"] == ["/opt/ros/share/clip2scene_ros/config/segment.yaml", {"use_sim_time": False}]
 
 
 def test_launch_arguments_become_valid_node_parameters(repo_root, monkeypatch):
     actions = _run_launch(repo_root, monkeypatch, checkpoint="/models/c2s.pt", cameras="front, left",
-                          camera_transport="compressed", class_names="car,road", device="cuda",
+                          camera_transport="compressed", class_names="car,road", device="cuda:1",
                           lidar_topic="/lidar/top", rviz="true", fixed_frame="odom",
-                          use_sim_time="true", config=str(repo_root / "config" / "segment.yaml"))
+                          use_sim_time="true", config=str(repo_root / "config" / "segment.yaml"),
+                          rviz_config=str(repo_root / "rviz" / "segment.rviz"))
     node, rviz = actions
     config_file, typed = node.kwargs["parameters"]
     assert typed["cameras"].value_type == List[str] and typed["device"].value_type is str
     overrides = {k: getattr(v, "value", v) for k, v in typed.items()}
     assert overrides == {"use_sim_time": True, "checkpoint": "/models/c2s.pt", "cameras": ["front", "left"],
-                         "device": "cuda", "class_names": ["car", "road"], "lidar_topic": "/lidar/top",
+                         "device": "cuda:1", "class_names": ["car", "road"], "lidar_topic": "/lidar/top",
                          "fixed_frame": "odom",
                          "camera.front.transport": "compressed", "camera.left.transport": "compressed"}
     # what the node receives: the file, then the overrides on top
-    merged = flatten(yaml.safe_load(Path(config_file).read_text())[NODE_NAME]["ros__parameters"]) | overrides
+    merged = flatten(yaml.safe_load(Path(config_file).read_text())["/**"]["ros__parameters"]) | overrides
     cfg = from_parameters(merged)
     assert [c.image_topic for c in cfg.camera_list] == ["/front/image_raw/compressed",
                                                         "/left/image_raw/compressed"]
-    assert cfg.device == "cuda" and cfg.class_names == ["car", "road"] and cfg.fixed_frame == "odom"
+    assert cfg.device == "cuda:1" and cfg.class_names == ["car", "road"] and cfg.fixed_frame == "odom"
     assert rviz.kwargs["executable"] == "rviz2"
-    # one world frame for the launch: the node's TF lookups go through it, RViz shows it
-    assert rviz.kwargs["arguments"] == ["-d", "/opt/ros/share/clip2scene_ros/rviz/segment.rviz",
-                                        "-f", "odom"]
+    # RViz follows the launch: one world frame (the node's TF lookups go through it too), the
+    # input topic, an overlay per camera, the label-id range of the two classes
+    flag, path = rviz.kwargs["arguments"]
+    shown = yaml.safe_load(Path(path).read_text())["Visualization Manager"]
+    Path(path).unlink()
+    assert flag == "-d" and shown["Global Options"]["Fixed Frame"] == "odom"
+    topics = {d["Name"]: d.get("Topic", {}).get("Value") for d in shown["Displays"]}
+    assert topics["Input cloud"] == "/lidar/top"
+    assert topics["Overlay front"] == f"/{NODE_NAME}/overlay/front"
+    assert topics["Overlay left"] == f"/{NODE_NAME}/overlay/left"
+    label_view = next(d for d in shown["Displays"] if d.get("Channel Name") == "label")
+    assert (label_view["Min Intensity"], label_view["Max Intensity"]) == (0, 1)
+    assert not label_view["Autocompute Intensity Bounds"]
 
 
 def test_launch_fixed_frame_policies_reach_the_node_only(repo_root, monkeypatch):
-    node, rviz = _run_launch(repo_root, monkeypatch, rviz="true", fixed_frame="none")
+    node, rviz = _run_launch(repo_root, monkeypatch, rviz="true", fixed_frame="none",
+                             rviz_config=str(repo_root / "rviz" / "segment.rviz"))
     assert node.kwargs["parameters"][1]["fixed_frame"].value == "none"
     assert from_parameters({"fixed_frame": "none"}).fixed_frame == "none"
-    assert rviz.kwargs["arguments"] == ["-d", "/opt/ros/share/clip2scene_ros/rviz/segment.rviz"]
+    path = rviz.kwargs["arguments"][1]
+    shown = yaml.safe_load(Path(path).read_text())["Visualization Manager"]
+    Path(path).unlink()
+    template = yaml.safe_load((repo_root / "rviz" / "segment.rviz").read_text())
+    assert shown["Global Options"]["Fixed Frame"] == \
+        template["Visualization Manager"]["Global Options"]["Fixed Frame"]
 
 
-# ----------------------------------------------------------------------------- node.py glue
-def _install_stand_in_ros(monkeypatch) -> dict:
-    """Just enough of rclpy / message_filters / tf2_ros / ROS messages to run node.py here.
+def test_launch_namespace_remaps_and_managed_node(repo_root, monkeypatch, tmp_path):
+    """Two LiDARs = two launches in two namespaces; the managed variant is a LifecycleNode."""
+    (node,) = _run_launch(repo_root, monkeypatch, namespace="/right", node_name="seg_right",
+                          labeled_points_topic="/perception/right/labels",
+                          remappings="~/filtered_points:=/obstacles ; /tf:=/robot/tf")
+    kw = node.kwargs
+    assert (kw["namespace"], kw["name"], kw["executable"]) == ("right", "seg_right", NODE_NAME)
+    assert kw["remappings"] == [("~/labeled_points", "/perception/right/labels"),
+                                ("~/filtered_points", "/obstacles"), ("/tf", "/robot/tf")]
+    (managed,) = _run_launch(repo_root, monkeypatch, managed="true", autostart="false")
+    assert type(managed).__name__ == "LifecycleNode"
+    assert managed.kwargs["executable"] == f"{NODE_NAME}_managed" and managed.kwargs["autostart"] is False
+    with pytest.raises(ValueError, match="from:=to"):
+        _run_launch(repo_root, monkeypatch, remappings="oops")
+    # the rendered RViz layout follows the namespace and a remapped output
+    from clip2scene_ros.rviz_config import render_rviz_config
 
-    Only used where ROS 2 cannot be installed (test_node_rclpy.py runs the real thing).
-    Message classes are the rosbags ones behind a keyword constructor, like rclpy's.
-    """
-    import enum
-
-    rosbags = MessageFactory.from_rosbags()
-    state: dict = {"now": LIDAR_STAMP, "logs": [], "syncs": []}
-
-    def module(name: str, **attrs) -> types.ModuleType:
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, m)
-        return m
-
-    def msg_class(full: str):
-        return type(full.rsplit("/", 1)[1], (), {"__new__": lambda cls, **kw: rosbags.new(full, **kw)})
-
-    for pkg, names in {"sensor_msgs": ["PointCloud2", "PointField", "Image", "CompressedImage",
-                                       "CameraInfo", "RegionOfInterest"],
-                       "std_msgs": ["Header"], "builtin_interfaces": ["Time"], "tf2_msgs": ["TFMessage"],
-                       "geometry_msgs": ["Transform", "TransformStamped", "Vector3", "Quaternion"]}.items():
-        module(pkg)
-        module(f"{pkg}.msg", **{n: msg_class(f"{pkg}/msg/{n}") for n in names})
-
-    class Plain:
-        defaults: dict = {}
-
-        def __init__(self, **kw):
-            unknown = set(kw) - set(self.defaults)
-            assert not unknown, unknown
-            self.__dict__.update({k: (v() if callable(v) else v) for k, v in self.defaults.items()} | kw)
-
-    def plain(cls_name, **defaults):
-        return type(cls_name, (Plain,), {"defaults": defaults})
-
-    module("diagnostic_msgs")
-    status = plain("DiagnosticStatus", level=b"\x00", name="", message="", hardware_id="", values=list)
-    module("diagnostic_msgs.msg", KeyValue=plain("KeyValue", key="", value=""), DiagnosticStatus=status,
-           DiagnosticArray=plain("DiagnosticArray", header=lambda: rosbags.new("Header"), status=list))
-    module("rcl_interfaces")
-    module("rcl_interfaces.msg",
-           FloatingPointRange=plain("FloatingPointRange", from_value=0.0, to_value=0.0, step=0.0),
-           IntegerRange=plain("IntegerRange", from_value=0, to_value=0, step=0),
-           ParameterDescriptor=plain("ParameterDescriptor", description="", read_only=False,
-                                     additional_constraints="", floating_point_range=list,
-                                     integer_range=list),
-           SetParametersResult=plain("SetParametersResult", successful=True, reason=""))
-
-    class Parameter:
-        Type = enum.Enum("Type", "NOT_SET BOOL INTEGER DOUBLE STRING BYTE_ARRAY BOOL_ARRAY "
-                                 "INTEGER_ARRAY DOUBLE_ARRAY STRING_ARRAY")
-
-        def __init__(self, name, type_=None, value=None):
-            self.name, self.type_, self.value = name, type_, value
-
-    class ParameterUninitializedException(Exception):
-        pass
-
-    class Logger:
-        def __getattr__(self, level):
-            return lambda text, **kw: state["logs"].append((level, text))
-
-    class Stamp:
-        def __init__(self, nanoseconds):
-            self.nanoseconds = nanoseconds
-
-        def to_msg(self):
-            return rosbags.new("Time", sec=self.nanoseconds // 10**9, nanosec=self.nanoseconds % 10**9)
-
-    class Publisher:
-        def __init__(self, msg_type, topic):
-            self.msg_type, self.topic, self.sent, self.subscribers = msg_type, topic, [], 0
-
-        def get_subscription_count(self):
-            return self.subscribers
-
-        def publish(self, msg):
-            self.sent.append(msg)
-
-    sensor_qos = object()
-
-    class Node:
-        def __init__(self, name, *, parameter_overrides=()):
-            self._name, self.params, self.descriptors, self.callbacks = name, {}, {}, []
-            self.overrides = {p.name: p.value for p in parameter_overrides}
-            self.publishers, self.subscriptions, self.timers = {}, {}, []
-
-        def declare_parameter(self, name, value=None, descriptor=None):
-            assert name not in self.params, f"{name} declared twice"
-            if isinstance(value, Parameter.Type):
-                value = None
-            elif isinstance(value, list):
-                assert value, "an empty list default has no type"
-            self.params[name] = self.overrides.get(name, value)
-            self.descriptors[name] = descriptor
-            return Parameter(name, value=self.params[name])
-
-        def get_parameter(self, name):
-            if self.params[name] is None:
-                raise ParameterUninitializedException(name)
-            return Parameter(name, value=self.params[name])
-
-        def set_parameters(self, params):
-            results = []
-            for p in params:
-                result_type = sys.modules["rcl_interfaces.msg"].SetParametersResult
-                result = result_type()
-                if self.descriptors[p.name].read_only:
-                    result = result_type(successful=False, reason="read-only")
-                else:
-                    for cb in self.callbacks:
-                        result = cb([p])
-                        if not result.successful:
-                            break
-                if result.successful:
-                    self.params[p.name] = p.value
-                results.append(result)
-            return results
-
-        def add_on_set_parameters_callback(self, cb):
-            self.callbacks.insert(0, cb)
-
-        def create_publisher(self, msg_type, topic, qos):
-            self.publishers[topic] = Publisher(msg_type, topic)
-            return self.publishers[topic]
-
-        def create_subscription(self, msg_type, topic, callback, qos, **kw):
-            self.subscriptions[topic] = (msg_type, callback, qos)
-
-        def create_timer(self, period, callback):
-            self.timers.append((period, callback))
-
-        def get_clock(self):
-            return types.SimpleNamespace(now=lambda: Stamp(state["now"]))
-
-        def get_logger(self):
-            return Logger()
-
-        def get_name(self):
-            return self._name
-
-        def destroy_node(self):
-            pass
-
-    rclpy = module("rclpy", ok=lambda: True, init=lambda args=None: None, spin=lambda node: None,
-                   shutdown=lambda: None)
-    rclpy.logging = module("rclpy.logging", get_logger=lambda name: Logger())
-    module("rclpy.node", Node=Node)
-    module("rclpy.parameter", Parameter=Parameter)
-    module("rclpy.exceptions", ParameterUninitializedException=ParameterUninitializedException)
-    module("rclpy.executors", ExternalShutdownException=type("ExternalShutdownException", (Exception,), {}))
-    module("rclpy.duration", Duration=lambda seconds=0.0: seconds)
-    module("rclpy.time", Time=lambda nanoseconds=0: nanoseconds)
-    module("rclpy.qos", QoSProfile=lambda **kw: kw, qos_profile_sensor_data=sensor_qos,
-           ReliabilityPolicy=types.SimpleNamespace(RELIABLE="reliable"))
-
-    class Subscriber:
-        def __init__(self, node, msg_type, topic, qos_profile=None):
-            self.msg_type, self.topic, self.qos = msg_type, topic, qos_profile
-
-    class ApproximateTimeSynchronizer:
-        def __init__(self, subscribers, queue_size, slop):
-            self.subscribers, self.queue_size, self.slop = subscribers, queue_size, slop
-            state["syncs"].append(self)
-
-        def registerCallback(self, callback):
-            self.callback = callback
-
-    module("message_filters", Subscriber=Subscriber, ApproximateTimeSynchronizer=ApproximateTimeSynchronizer)
-
-    class TransformException(Exception):
-        pass
-
-    class Buffer:
-        """tf2_ros.Buffer's query API over canned answers; records what it was asked."""
-
-        def __init__(self):
-            self.transforms = {}        # (target, source) → TransformStamped
-            self.full_transforms = {}   # (target, source, fixed) → TransformStamped
-            self.frames = set()         # what _frameExists knows besides the canned frames
-            self.calls = []
-
-        def _frameExists(self, frame):
-            return frame in self.frames or any(frame in key[:2] for key in self.transforms)
-
-        def lookup_transform(self, target, source, time, timeout=None):
-            self.calls.append(("lookup_transform", target, source, time, timeout))
-            try:
-                return self.transforms[(target, source)]
-            except KeyError:
-                raise TransformException(f"{source} -> {target} unknown") from None
-
-        def lookup_transform_full(self, target, target_time, source, source_time, fixed,
-                                  timeout=None):
-            self.calls.append(("lookup_transform_full", target, target_time, source, source_time,
-                               fixed, timeout))
-            try:
-                return self.full_transforms[(target, source, fixed)]
-            except KeyError:
-                raise TransformException(f"{source} -> {target} via {fixed} unknown") from None
-
-    module("tf2_ros", Buffer=Buffer, TransformException=TransformException,
-           TransformListener=lambda buffer, node, **kw: None)
-    state.update(Parameter=Parameter, sensor_qos=sensor_qos)
-    return state
-
-
-@pytest.fixture
-def stand_in_node_module(monkeypatch):
-    if importlib.util.find_spec("rclpy") is not None:
-        pytest.skip("real rclpy available: test_node_rclpy.py runs the node itself")
-    import clip2scene_ros
-    import clip2scene_ros.msgs as msgs
-
-    state = _install_stand_in_ros(monkeypatch)
-    monkeypatch.setattr(msgs, "_DEFAULT", msgs._DEFAULT)     # never keep a stand-in factory
-    monkeypatch.delitem(sys.modules, "clip2scene_ros.node", raising=False)
-    node_module = importlib.import_module("clip2scene_ros.node")
-    yield node_module, state
-    sys.modules.pop("clip2scene_ros.node", None)             # bound to the stand-ins: forget it
-    if getattr(clip2scene_ros, "node", None) is node_module:
-        delattr(clip2scene_ros, "node")
-
-
-def test_node_glue_with_stand_in_rclpy(stand_in_node_module, checkpoint, nusc):
-    node_module, ros = stand_in_node_module
-    P = ros["Parameter"]
-    node = node_module.SegmenterNode(parameter_overrides=[
-        P("checkpoint", value=str(checkpoint)), P("device", value="cpu"), P("cameras", value=["front"]),
-        P("camera.front.transport", value="compressed"), P("camera_timeout", value=0.5)])
-    try:
-        # parameters: declared with descriptors, only class_names writable, unset lists typed
-        assert node.params["class_names"] is None and node.descriptors["slop"].read_only
-        assert not node.descriptors["class_names"].read_only
-        assert node.descriptors["slop"].floating_point_range[0].to_value == 10.0
-        assert node.params["camera.front.image_topic"] == ""
-        # topics: the cloud with SensorDataQoS, the camera pair through message_filters
-        msg_type, on_cloud, qos = node.subscriptions["/points"]
-        assert msg_type.__name__ == "PointCloud2" and qos is ros["sensor_qos"]
-        (pair,) = ros["syncs"]
-        assert [(s.msg_type.__name__, s.topic) for s in pair.subscribers] == [
-            ("CompressedImage", "/front/image_raw/compressed"), ("CameraInfo", "/front/camera_info")]
-        assert (pair.queue_size, pair.slop) == (10, 0.05)
-        assert set(node.publishers) == {"~/labeled_points", "~/overlay/front", "/diagnostics"}
-
-        factory = MessageFactory.from_rosbags()
-        from clip2scene_ros.tf import matrix_to_transform
-
-        node.tf_buffer.transforms[("CAM_FRONT", "LIDAR_TOP")] = matrix_to_transform(
-            nusc.lidar2cam, factory, "CAM_FRONT", "LIDAR_TOP", 0)
-        published = node.publishers["~/labeled_points"].sent
-        overlays = node.publishers["~/overlay/front"]
-
-        def frame(stamp_offset: int) -> None:
-            cam = make_camera(nusc, factory, stamp_ns=FRONT_STAMP + stamp_offset)
-            pair.callback(cam.image, cam.info)
-            on_cloud(small_cloud(nusc, factory, LIDAR_STAMP + stamp_offset))
-            ros["now"] += 600 * MS                  # the camera went quiet: release the sweep
-            for _, timer in node.timers:
-                timer()
-            count = len(published)
-            for _ in range(600):                     # the inference thread publishes
-                if len(published) > count:
-                    return
-                threading.Event().wait(0.1)
-
-        overlays.subscribers = 1
-        frame(0)
-        assert len(read_points(published[0])) == len(subsample(nusc.points))
-        # fixed_frame "auto" and no odom/map/world in this TF tree: tf2's plain lookup at the
-        # image stamp (rclpy Time / Duration stand-ins are nanoseconds / seconds)
-        assert node.runner.tf_lookup is node.tf_resolver
-        assert node.tf_buffer.calls == [("lookup_transform", "CAM_FRONT", "LIDAR_TOP", FRONT_STAMP, 0.05)]
-        assert [header_stamp_ns(m) for m in overlays.sent] == [FRONT_STAMP]
-        overlays.subscribers = 0                     # nobody watches: no overlay is drawn
-        frame(100 * MS)
-        assert len(published) == 2 and len(overlays.sent) == 1
-        for _, timer in node.timers:
-            timer()
-        diag_msg = node.publishers["/diagnostics"].sent[-1]
-        (status,) = diag_msg.status
-        assert status.level == bytes([diag.OK]) and status.hardware_id == "cpu"
-        assert {kv.key: kv.value for kv in status.values}["frames_ok"] == "2"
-
-        # run-time parameters
-        refused = node.set_parameters([P("class_names", value=["car"])])[0]
-        assert not refused.successful and "text encoder" in refused.reason
-        assert not node.set_parameters([P("slop", value=0.2)])[0].successful
-    finally:
-        node.shutdown()
-    assert not node._worker.is_alive()
-
-
-def test_node_fixed_frame_is_tf2_time_travel_with_a_fallback(stand_in_node_module, checkpoint, nusc):
-    """fixed_frame set: lookup_transform_full(camera @ image stamp, LiDAR @ sweep stamp, fixed);
-    when that fails, the plain lookup and a throttled warning (the replay tool counts them)."""
-    from clip2scene_ros.tf import matrix_to_transform, transform_to_matrix
-
-    node_module, ros = stand_in_node_module
-    P = ros["Parameter"]
-    node = node_module.SegmenterNode(parameter_overrides=[
-        P("checkpoint", value=str(checkpoint)), P("device", value="cpu"), P("fixed_frame", value="odom"),
-        P("tf_timeout", value=0.2)])
-    try:
-        factory = MessageFactory.from_rosbags()
-        moved = nusc.lidar2cam.copy()
-        moved[:3, 3] += [0.3, 0.0, -0.1]     # what motion compensation would add
-        buf = node.tf_buffer
-        buf.transforms[("CAM_FRONT", "LIDAR_TOP")] = matrix_to_transform(
-            nusc.lidar2cam, factory, "CAM_FRONT", "LIDAR_TOP", 0)
-        buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")] = matrix_to_transform(
-            moved, factory, "CAM_FRONT", "LIDAR_TOP", 0)
-        buf.frames.add("odom")
-        plain = transform_to_matrix(buf.transforms[("CAM_FRONT", "LIDAR_TOP")])
-        full = transform_to_matrix(buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")])
-        T = node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
-        np.testing.assert_array_equal(T, full)
-        assert buf.calls == [("lookup_transform_full", "CAM_FRONT", FRONT_STAMP, "LIDAR_TOP",
-                              LIDAR_STAMP, "odom", 0.2)]
-        # odom poses missing at a stamp → the plain lookup, counted and warned about (once)
-        del buf.full_transforms[("CAM_FRONT", "LIDAR_TOP", "odom")]
-        for _ in range(2):
-            T = node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
-            np.testing.assert_array_equal(T, plain)
-        assert buf.calls[-1] == ("lookup_transform", "CAM_FRONT", "LIDAR_TOP", FRONT_STAMP, 0.2)
-        assert node.tf_resolver.fallbacks == 2
-        warned = [text for level, text in ros["logs"] if level == "warning" and "'odom'" in text]
-        assert len(warned) == 1 and "via odom unknown" in warned[0]
-        # odom not in the tree at all: no tf2 call that would wait out the timeout
-        buf.frames.clear()
-        n_calls = len(buf.calls)
-        node.runner.tf_lookup("CAM_FRONT", FRONT_STAMP, "LIDAR_TOP", LIDAR_STAMP)
-        assert [c[0] for c in buf.calls[n_calls:]] == ["lookup_transform"]
-        assert node.tf_resolver.fallbacks == 3
-    finally:
-        node.shutdown()
-
-
-def test_node_main_exits_non_zero_on_a_bad_parameter(stand_in_node_module, monkeypatch):
-    node_module, ros = stand_in_node_module
-
-    class Refusing(node_module.SegmenterNode):
-        def __init__(self):
-            super().__init__(parameter_overrides=[ros["Parameter"]("device", value="tpu")])
-
-    monkeypatch.setattr(node_module, "SegmenterNode", Refusing)
-    assert node_module.main([]) == 1
-    assert any("device" in text for level, text in ros["logs"] if level == "fatal")
+    shown = yaml.safe_load(render_rviz_config(
+        (repo_root / "rviz" / "segment.rviz").read_text(), node_name="seg_right",
+        namespace="right", cameras=["front"], num_classes=16))["Visualization Manager"]
+    topics = [d.get("Topic", {}).get("Value") for d in shown["Displays"]]
+    assert "/right/seg_right/labeled_points" in topics and "/right/seg_right/overlay/front" in topics
+    label_view = next(d for d in shown["Displays"] if d.get("Channel Name") == "label")
+    assert label_view["Max Intensity"] == 15

@@ -29,7 +29,8 @@ from clip2scene_core.voxelize import VoxelConfig
 from clip2scene_ros.image import model_to_camera_info, rgb_to_image
 from clip2scene_ros.msgs import MessageFactory, make_header
 from clip2scene_ros.pipeline import CameraInput, PipelineConfig, SegmentationPipeline
-from clip2scene_ros.pointcloud2 import FLOAT32, UNLABELED, create_cloud, make_point_field, read_points, unpack_rgb
+from clip2scene_ros.pointcloud2 import (FLOAT32, FLOAT64, UINT8, UINT16, UINT32, UNLABELED, create_cloud,
+                                        dtype_from_fields, make_point_field, read_points, unpack_rgb)
 from clip2scene_ros.sync import SKIP_TIMEOUT, FrameSync, SyncConfig
 from clip2scene_ros.tf import TfResolver, TransformBuffer, matrix_to_transform
 
@@ -157,7 +158,8 @@ def test_labelled_cloud_of_a_real_sweep(full_output, nusc):
     assert out.cloud.header.stamp.sec * 10**9 + out.cloud.header.stamp.nanosec == LIDAR_STAMP
     pts = read_points(out.cloud)
     assert list(pts.dtype.names) == ["x", "y", "z", "intensity", "label", "score", "rgb"]
-    assert pts.dtype["label"] == np.uint16 and pts.dtype["score"] == np.float32
+    assert pts.dtype["label"] == np.uint32 and pts.dtype["score"] == np.float32
+    assert pts.dtype["intensity"] == np.float32          # the input's FLOAT32 intensity
     n = len(nusc.points)
     assert n == 34688 and len(pts) == n == out.points_in == out.points_out
     assert out.dropped_nan == 0 and out.points_labeled == n    # no point_range: every point labelled
@@ -348,3 +350,173 @@ def test_class_names_change_on_the_next_frame_with_camera_fusion(checkpoint, nus
     back = pipe.process(make_cloud(pts, factory))
     assert back.class_names == Vocabulary.preset("nuscenes16").class_names
     assert set(np.unique(read_points(back.cloud)["label"])) <= set(range(16)) | {UNLABELED}
+
+
+# ----------------------------------------------------------------------------- output layouts
+def driver_cloud(points: np.ndarray, factory: MessageFactory, organised: tuple[int, int] | None = None,
+                 stamp_ns: int = LIDAR_STAMP) -> Any:
+    """A velodyne/ouster-style cloud of a real scan: FLOAT32 x y z, UINT8 intensity, UINT16 ring,
+    FLOAT64 time, an old UINT16 label; (H, W) when `organised`."""
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, factory) for i, n in enumerate("xyz")] + [
+        make_point_field("intensity", 12, UINT8, 1, factory),
+        make_point_field("ring", 14, UINT16, 1, factory),
+        make_point_field("time", 16, FLOAT64, 1, factory),
+        make_point_field("label", 24, UINT16, 1, factory)]
+    dt = dtype_from_fields(fields, 32).newbyteorder("=")
+    v = np.zeros(len(points), dtype=dt)
+    for i, c in enumerate("xyz"):
+        v[c] = points[:, i]
+    v["intensity"] = np.nan_to_num(points[:, 3]).astype(np.uint8)    # nuScenes intensity: 0..255
+    v["ring"] = np.nan_to_num(points[:, 4]).astype(np.uint16)
+    v["time"] = np.linspace(0.0, 0.05, len(points))
+    v["label"] = 3
+    if organised is not None:
+        v = v.reshape(organised)
+    return create_cloud(make_header(stamp_ns, "LIDAR_TOP", factory), fields, v, point_step=32,
+                        msg_factory=factory)
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint):
+    torch.set_num_threads(1)
+    return Segmenter.load(checkpoint, device="cpu")
+
+
+def test_uint8_intensity_stays_uint8_and_the_model_sees_the_same_values(pipeline, nusc, factory):
+    pts = subsample(nusc.points)
+    out = pipeline.process(driver_cloud(pts, factory))
+    ref = pipeline.process(make_cloud(pts, factory))          # FLOAT32 intensity, same values
+    assert out.status == "ok"
+    types = {f.name: f.datatype for f in out.cloud.fields}
+    assert list(types) == ["x", "y", "z", "intensity", "label", "score", "rgb"]
+    assert (types["intensity"], types["label"]) == (UINT8, UINT32)
+    got = read_points(out.cloud)
+    assert got["intensity"].dtype == np.uint8
+    np.testing.assert_array_equal(got["intensity"], pts[:, 3].astype(np.uint8))
+    np.testing.assert_array_equal(out.labels, ref.labels)     # features are floats either way
+    np.testing.assert_array_equal(got["label"], read_points(ref.cloud)["label"])
+
+
+def test_input_layout_keeps_an_organised_cloud_and_its_fields(segmenter, nusc, factory):
+    pts = nusc.points.copy()
+    grid_rows = pts.reshape(32, 1084, 5)
+    grid_rows[[0, 7, 31]] = np.nan                          # three rings without returns
+    grid_rows[10, 100:200, :3] = np.inf
+    cloud = driver_cloud(pts, factory, organised=(32, 1084))
+    pipe = SegmentationPipeline(segmenter, PipelineConfig(output_layout="input"), factory)
+    out = pipe.process(cloud)
+    compact = SegmentationPipeline(segmenter, PipelineConfig(), factory).process(cloud)
+    bad = ~np.isfinite(pts[:, :3]).all(axis=1)
+    assert out.status == "ok" and out.dropped_nan == bad.sum() == 3 * 1084 + 100
+    assert (out.cloud.height, out.cloud.width, out.cloud.is_dense) == (32, 1084, False)
+    assert out.points_in == out.points_out == len(pts)
+    fields = [(f.name, f.offset, f.datatype, f.count) for f in out.cloud.fields]
+    assert fields[:6] == [("x", 0, FLOAT32, 1), ("y", 4, FLOAT32, 1), ("z", 8, FLOAT32, 1),
+                          ("intensity", 12, UINT8, 1), ("ring", 14, UINT16, 1),
+                          ("time", 16, FLOAT64, 1)]
+    assert [f[0] for f in fields[6:]] == ["label", "score", "rgb"] and fields[6][2] == UINT32
+    grid = read_points(out.cloud, reshape_organized_cloud=True)
+    src = read_points(cloud, reshape_organized_cloud=True)
+    assert grid.shape == (32, 1084)
+    for name in ("x", "y", "z", "intensity", "ring", "time"):
+        assert grid[name].dtype == src[name].dtype
+        np.testing.assert_array_equal(grid[name], src[name])    # NaN / inf points kept as they were
+    flat = grid.reshape(-1)
+    np.testing.assert_array_equal(out.kept, ~bad)
+    assert (flat["label"][bad] == UNLABELED).all() and (flat["score"][bad] == 0).all()
+    # the valid points carry exactly the compact output's values
+    comp = read_points(compact.cloud)
+    for name in ("x", "y", "z", "intensity", "label", "score", "rgb"):
+        np.testing.assert_array_equal(flat[name][~bad], comp[name])
+    np.testing.assert_array_equal(flat["label"][~bad], out.labels)
+    assert out.filtered_cloud is None
+
+
+def test_input_layout_of_an_empty_and_an_all_nan_cloud(segmenter, nusc, factory):
+    pipe = SegmentationPipeline(segmenter, PipelineConfig(output_layout="input",
+                                                          filter_classes=("car",)), factory)
+    pts = subsample(nusc.points)[:64].copy()
+    pts[:, 0] = np.nan
+    out = pipe.process(driver_cloud(pts, factory, organised=(4, 16)))
+    assert out.status == "empty" and (out.cloud.height, out.cloud.width) == (4, 16)
+    assert (read_points(out.cloud)["label"] == UNLABELED).all()
+    assert out.filtered_cloud.width * out.filtered_cloud.height == 0
+    empty = pipe.process(driver_cloud(pts[:0], factory))
+    assert empty.status == "empty" and empty.cloud.width * empty.cloud.height == 0
+    assert [f.name for f in empty.cloud.fields][-3:] == ["label", "score", "rgb"]
+
+
+@pytest.mark.parametrize("layout", ["compact", "input"])
+def test_filtered_cloud_keeps_or_drops_the_named_classes(segmenter, nusc, factory, layout):
+    pts = subsample(nusc.points)
+    pts[::97, 1] = np.nan
+    cloud = driver_cloud(pts, factory)
+    plain = SegmentationPipeline(segmenter, PipelineConfig(output_layout=layout), factory).process(cloud)
+    assert plain.filtered_cloud is None
+    names = plain.class_names
+    counts = np.bincount(plain.labels, minlength=len(names))
+    present = [names[i] for i in np.argsort(-counts)[:2]]         # the two most frequent classes
+    ids = [names.index(n) for n in present]
+    main = read_points(plain.cloud)
+    valid = np.isfinite(main["x"]) & np.isfinite(main["y"]) & np.isfinite(main["z"])
+    assert valid.sum() == len(pts) - len(pts[::97])
+    assert len(main) == (len(pts) if layout == "input" else valid.sum())
+    for mode in ("keep", "drop"):
+        cfg = PipelineConfig(output_layout=layout, filter_classes=(present[0], present[1].upper()),
+                             filter_mode=mode)
+        out = SegmentationPipeline(segmenter, cfg, factory).process(cloud)
+        assert out.warnings == []
+        np.testing.assert_array_equal(out.labels, plain.labels)
+        got = read_points(out.filtered_cloud)
+        assert out.filtered_cloud.height == 1 and out.filtered_cloud.is_dense
+        assert [f.name for f in out.filtered_cloud.fields] == [f.name for f in out.cloud.fields]
+        hit = valid & np.isin(main["label"], ids)
+        want = hit if mode == "keep" else valid & ~hit
+        assert len(got) == out.points_filtered == want.sum() > 0
+        np.testing.assert_array_equal(got, main[want])
+    kept = read_points(SegmentationPipeline(segmenter, PipelineConfig(
+        output_layout=layout, filter_classes=tuple(present), filter_mode="keep"), factory).process(cloud)
+        .filtered_cloud)
+    dropped = read_points(SegmentationPipeline(segmenter, PipelineConfig(
+        output_layout=layout, filter_classes=tuple(present), filter_mode="drop"), factory).process(cloud)
+        .filtered_cloud)
+    assert len(kept) + len(dropped) == valid.sum()
+
+
+def test_unknown_filter_class_warns_once_per_vocabulary(checkpoint, nusc, factory):
+    seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
+    cfg = PipelineConfig(filter_classes=("car", "unicorn"), filter_mode="keep")
+    pipe = SegmentationPipeline(seg, cfg, factory)
+    cloud = make_cloud(subsample(nusc.points), factory)
+    first = pipe.process(cloud)
+    assert first.status == "ok" and len(first.warnings) == 1
+    assert "unicorn" in first.warnings[0] and "'car'" not in first.warnings[0].split("among")[0]
+    car = first.class_names.index("car")
+    assert (read_points(first.filtered_cloud)["label"] == car).all()
+    assert first.points_filtered == int((first.labels == car).sum())
+    assert pipe.process(cloud).warnings == []                  # same vocabulary: said once
+    pipe.set_class_names(["road", "unicorn", "car"])            # the names follow the vocabulary
+    second = pipe.process(cloud)
+    assert second.class_names == ["road", "unicorn", "car"] and second.warnings == []
+    assert set(np.unique(read_points(second.filtered_cloud)["label"])) <= {1, 2}
+    assert second.points_filtered == int(np.isin(second.labels, [1, 2]).sum())
+    pipe.set_class_names(["road", "building"])
+    third = pipe.process(cloud)
+    assert len(third.warnings) == 1 and "car" in third.warnings[0] and "unicorn" in third.warnings[0]
+    assert third.points_filtered == 0 and third.filtered_cloud.width == 0
+
+
+def test_output_options_from_a_node_config():
+    from types import SimpleNamespace
+
+    base = dict(publish_overlays=False, overlay_radius=3, min_depth=1.0)
+    old = PipelineConfig.from_node_config(SimpleNamespace(**base))    # before NodeConfig has them
+    assert (old.output_layout, old.filter_classes, old.filter_mode) == ("compact", (), "keep")
+    new = PipelineConfig.from_node_config(SimpleNamespace(
+        **base, output_layout="input", filter_classes=["car", " ", "truck"], filter_mode="drop"))
+    assert (new.output_layout, new.filter_classes, new.filter_mode) == ("input", ("car", "truck"), "drop")
+    assert PipelineConfig(filter_classes=[""]).filter_classes == ()   # ROS's "empty" string array
+    with pytest.raises(ConfigError, match="output_layout"):
+        PipelineConfig(output_layout="organized")
+    with pytest.raises(ConfigError, match="filter_mode"):
+        PipelineConfig(filter_mode="exclude")

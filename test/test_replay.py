@@ -28,8 +28,8 @@ from clip2scene_ros.bag import (LABEL_CLASSES_TOPIC, LABELS_TOPIC, BagReader, Ba
 from clip2scene_ros.image import camera_info_to_model
 from clip2scene_ros.msgs import MessageFactory, header_stamp_ns
 from clip2scene_ros.node_config import NodeConfig
-from clip2scene_ros.pointcloud2 import (UINT16, create_cloud, make_point_field, read_points,
-                                        unpack_rgb)
+from clip2scene_ros.pointcloud2 import (UINT16, UNLABELED, create_cloud, labeled_cloud,
+                                        make_point_field, read_points, unpack_rgb)
 from training.tools import nuscenes_to_bag, semantickitti_to_bag
 
 NUS3 = "nuscenes/dororo99_v1.0-extract_3samples"
@@ -105,6 +105,7 @@ def test_output_bag_round_trip(replayed, nus_bag, nus_ckpt):
         assert pts.size == pts_in.size
         for f in ("x", "y", "z", "intensity"):
             np.testing.assert_array_equal(pts[f], pts_in[f])
+        assert pts.dtype["label"] == np.uint32
         lab = pts["label"].astype(np.int64)
         labelled = lab != 65535
         assert labelled.mean() > 0.9 and lab[labelled].max() < len(names)
@@ -333,3 +334,19 @@ def test_ground_truth_from_sidecar_directory(work, kitti_bag, data_dir):
                                "bicyclist", "motorcyclist", "road", "parking", "sidewalk",
                                "other-ground", "building", "fence", "vegetation", "trunk",
                                "terrain", "pole", "traffic-sign"]
+
+
+def test_ground_truth_reads_uint16_and_uint32_label_clouds(kitti_bag):
+    """Ground truth as the converters write it (UINT16) and a labelled output cloud (UINT32)
+    used as ground truth: the same sentinel means "ignore" in both."""
+    gt_msg = next(m.msg for m in _messages(kitti_bag) if m.topic == LABELS_TOPIC)
+    assert [(f.name, f.datatype) for f in gt_msg.fields] == [("label", UINT16)]
+    gt = replay.labels_from_cloud(gt_msg)
+    raw = read_points(gt_msg)["label"].astype(np.int64)
+    np.testing.assert_array_equal(gt, np.where(raw == UNLABELED, -1, raw))
+    assert gt.dtype == np.int64 and gt.size == 50
+    factory = MessageFactory.from_rosbags()
+    xyz = np.zeros((gt.size, 3), np.float32)
+    out_cloud = labeled_cloud(gt_msg.header, xyz, gt, np.ones(gt.size), msg_factory=factory)
+    assert read_points(out_cloud)["label"].dtype == np.uint32
+    np.testing.assert_array_equal(replay.labels_from_cloud(out_cloud), gt)

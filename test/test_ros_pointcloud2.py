@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from clip2scene_core.errors import InvalidPointCloudError
 from clip2scene_ros.msgs import MessageFactory, make_header
 from clip2scene_ros.pointcloud2 import (
-    FLOAT32, UINT16, UNLABELED, cloud_to_scan, create_cloud, dtype_from_fields, fields_from_dtype,
-    labeled_cloud, make_point_field, pack_rgb, read_points, read_points_numpy, scan_to_cloud,
-    unpack_rgb,
+    FLOAT32, FLOAT64, UINT8, UINT16, UINT32, UNLABELED, cloud_to_scan, create_cloud,
+    dtype_from_fields, fields_from_dtype, kept_field_values, labeled_cloud, labeled_cloud_like,
+    make_point_field, pack_rgb, read_points, read_points_numpy, scan_to_cloud, unpack_rgb,
 )
 
 FACTORY = MessageFactory.from_rosbags("ROS2_HUMBLE")
@@ -338,9 +338,10 @@ def test_labeled_cloud_real_scan(nuscenes_points, with_intensity):
     assert names == ["x", "y", "z"] + (["intensity"] if with_intensity else []) + [
         "label", "score", "rgb"]
     types = {f.name: f.datatype for f in msg.fields}
-    assert types["label"] == UINT16 and types["score"] == FLOAT32 and types["rgb"] == FLOAT32
-    assert all(f.offset % 4 == 0 for f in msg.fields if f.datatype == FLOAT32)
+    assert types["label"] == UINT32 and types["score"] == FLOAT32 and types["rgb"] == FLOAT32
+    assert all(f.offset % 4 == 0 for f in msg.fields if f.datatype in (FLOAT32, UINT32))
     back = read_points(msg)
+    assert back["label"].dtype == np.uint32
     np.testing.assert_array_equal(back["label"], np.where(labels < 0, UNLABELED, labels))
     assert (back["label"] == UNLABELED).sum() == (labels == -1).sum() > 0
     np.testing.assert_array_equal(back["score"], scores)
@@ -354,6 +355,150 @@ def test_labeled_cloud_real_scan(nuscenes_points, with_intensity):
         (bits,) = struct.unpack_from("<I", raw, j * msg.point_step + rgb_off)
         r, g, b = (int(c) for c in rgb[j])
         assert bits == (r << 16) | (g << 8) | b
+    # the label as PCL's PointXYZL reads it: 4 bytes, little-endian uint32
+    label_off = {f.name: f.offset for f in msg.fields}["label"]
+    for j in np.flatnonzero(labels == -1)[:3].tolist() + [0, len(pts) - 1]:
+        (value,) = struct.unpack_from("<I", raw, j * msg.point_step + label_off)
+        assert value == (UNLABELED if labels[j] < 0 else labels[j])
+
+
+def uint8_intensity_cloud(pts: np.ndarray):
+    """A driver-style cloud: FLOAT32 x y z, UINT8 intensity, UINT16 ring, 16-byte points."""
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY) for i, n in enumerate("xyz")] + [
+        make_point_field("intensity", 12, UINT8, 1, FACTORY),
+        make_point_field("ring", 14, UINT16, 1, FACTORY)]
+    dt = dtype_from_fields(fields, 16).newbyteorder("=")
+    points = np.zeros(len(pts), dtype=dt)
+    for i, c in enumerate("xyz"):
+        points[c] = pts[:, i]
+    points["intensity"] = pts[:, 3].astype(np.uint8)      # nuScenes intensity is 0..255
+    points["ring"] = pts[:, 4].astype(np.uint16)
+    return cdr_roundtrip(create_cloud(make_header(7, "LIDAR_TOP", FACTORY), fields, points,
+                                      point_step=16, msg_factory=FACTORY))
+
+
+def test_uint8_intensity_keeps_its_datatype(nuscenes_points):
+    pts = nuscenes_points.copy()
+    pts[::50, 0] = np.nan                                  # some points without a return
+    msg = uint8_intensity_cloud(pts)
+    scan, stats = cloud_to_scan(msg)
+    assert scan.points.dtype == np.float32                 # the model still gets floats
+    assert stats.field_dtypes == {"intensity": np.dtype(np.uint8)}
+    kept = np.isfinite(pts[:, 0])
+    values = kept_field_values(msg, stats, "intensity")
+    assert values.dtype == np.uint8
+    np.testing.assert_array_equal(values, pts[kept, 3].astype(np.uint8))
+    np.testing.assert_array_equal(scan.column("intensity"), values.astype(np.float32))
+    assert kept_field_values(msg, stats, "ring") is None    # not a Scan column
+    out = cdr_roundtrip(labeled_cloud(msg.header, scan.xyz, np.zeros(len(scan), np.int64),
+                                      np.ones(len(scan)), values, msg_factory=FACTORY))
+    types = {f.name: f.datatype for f in out.fields}
+    assert types["intensity"] == UINT8 and types["label"] == UINT32
+    back = read_points(out)
+    assert back["intensity"].dtype == np.uint8
+    np.testing.assert_array_equal(back["intensity"], values)
+    # float32 stays FLOAT32; a type PointField lacks (int64) becomes FLOAT32; or ask for one
+    for given, datatype, want in ((values.astype(np.float32), None, FLOAT32),
+                                  (values.astype(np.int64), None, FLOAT32),
+                                  (values, FLOAT64, FLOAT64)):
+        o = labeled_cloud(msg.header, scan.xyz, np.zeros(len(scan), np.int64), np.ones(len(scan)),
+                          given, msg_factory=FACTORY, intensity_datatype=datatype)
+        assert {f.name: f.datatype for f in o.fields}["intensity"] == want
+        np.testing.assert_array_equal(read_points(o)["intensity"], values)
+
+
+def organised_driver_cloud(pts: np.ndarray, big: bool = False):
+    """32 x 1084 organised real scan in an Ouster-like layout with extra fields, NaN rows, an
+    old UINT16 ``label`` and a 2-element field; returns (message, the values written)."""
+    fields = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY) for i, n in enumerate("xyz")] + [
+        make_point_field("label", 12, UINT16, 1, FACTORY),          # replaced by ours
+        make_point_field("intensity", 16, FLOAT32, 1, FACTORY),
+        make_point_field("t", 20, UINT32, 1, FACTORY),
+        make_point_field("reflectivity", 24, UINT8, 1, FACTORY),
+        make_point_field("ring", 26, UINT16, 1, FACTORY),
+        make_point_field("time", 32, FLOAT64, 1, FACTORY),
+        make_point_field("normal", 40, FLOAT32, 2, FACTORY)]
+    dt = dtype_from_fields(fields, 48).newbyteorder("=")
+    n = len(pts)
+    v = np.zeros(n, dtype=dt)
+    for i, c in enumerate("xyz"):
+        v[c] = pts[:, i]
+    v["label"] = 7
+    v["intensity"] = pts[:, 3]
+    v["t"] = np.arange(n, dtype=np.uint32) * 1000 + 3_000_000_000      # above int32
+    v["reflectivity"] = (np.nan_to_num(pts[:, 3]) * 0.5).astype(np.uint8)
+    v["ring"] = np.nan_to_num(pts[:, 4]).astype(np.uint16)
+    v["time"] = np.linspace(0, 0.05, n)
+    v["normal_0"], v["normal_1"] = pts[:, 2], -pts[:, 2]
+    grid = v.reshape(32, 1084)
+    msg = cdr_roundtrip(create_cloud(make_header(9, "os_lidar", FACTORY), fields, grid,
+                                     point_step=48, is_bigendian=big, msg_factory=FACTORY))
+    return msg, grid
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_labeled_cloud_like_keeps_the_input_layout(nuscenes_points, big):
+    pts = nuscenes_points.copy()
+    pts[np.arange(0, len(pts), 1084 * 5)[:, None] + np.arange(1084)[None, :]] = np.nan  # rows 0, 5, ..
+    msg, grid = organised_driver_cloud(pts, big)
+    scan, stats = cloud_to_scan(msg)
+    kept = stats.kept
+    assert stats.organized and (~kept).sum() == 7 * 1084
+    labels = np.full(len(pts), -1, np.int64)
+    labels[kept] = pts[kept, 4].astype(np.int64) % 5
+    scores = np.where(kept, 0.75, 0.0).astype(np.float32)
+    rgb = np.zeros((len(pts), 3), np.uint8)
+    rgb[:, 1] = labels.clip(0) * 40
+    out = cdr_roundtrip(labeled_cloud_like(msg, labels, scores, rgb, msg_factory=FACTORY))
+    assert (out.height, out.width, out.is_dense, out.is_bigendian) == (32, 1084, False, False)
+    assert out.header.frame_id == "os_lidar" and out.header.stamp.nanosec == 9
+    got = {f.name: (f.offset, f.datatype, f.count) for f in out.fields}
+    want_passed = {f.name: (f.offset, f.datatype, f.count) for f in msg.fields if f.name != "label"}
+    assert {k: got[k] for k in want_passed} == want_passed      # same offsets, types, counts
+    assert [f.name for f in out.fields][-3:] == ["label", "score", "rgb"]
+    assert got["label"][1:] == (UINT32, 1) and got["label"][0] >= 48 and got["label"][0] % 4 == 0
+    back = read_points(out, reshape_organized_cloud=True)
+    assert back.shape == (32, 1084)
+    for name in grid.dtype.names:
+        if name != "label":
+            assert back[name].dtype == grid[name].dtype
+            np.testing.assert_array_equal(back[name], grid[name])   # NaN xyz kept as NaN
+    assert back["label"].dtype == np.uint32
+    np.testing.assert_array_equal(back["label"].reshape(-1), np.where(labels < 0, UNLABELED, labels))
+    assert (back["label"][~kept.reshape(32, 1084)] == UNLABELED).all()
+    np.testing.assert_array_equal(back["score"].reshape(-1), scores)
+    np.testing.assert_array_equal(unpack_rgb(back["rgb"].reshape(-1)), rgb)
+    # select: those points only, unorganised, same fields
+    select = kept & (labels == 2)
+    sub = cdr_roundtrip(labeled_cloud_like(msg, labels, scores, rgb, select=select, msg_factory=FACTORY))
+    assert (sub.height, sub.width, sub.is_dense) == (1, int(select.sum()), True)
+    assert [(f.name, f.offset, f.datatype, f.count) for f in sub.fields] == \
+        [(f.name, f.offset, f.datatype, f.count) for f in out.fields]
+    sub_pts = read_points(sub)
+    np.testing.assert_array_equal(sub_pts, read_points(out)[select])
+    assert (sub_pts["label"] == 2).all()
+    # a dense input stays dense; a wrong-sized result is refused
+    dense = pts.copy()
+    dense[~kept] = 0
+    dmsg, _ = organised_driver_cloud(dense)
+    assert labeled_cloud_like(dmsg, labels, scores, msg_factory=FACTORY).is_dense
+    with pytest.raises(InvalidPointCloudError, match="labels must have shape"):
+        labeled_cloud_like(msg, labels[:-1], scores, msg_factory=FACTORY)
+    with pytest.raises(InvalidPointCloudError, match="select"):
+        labeled_cloud_like(msg, labels, scores, select=np.ones(5, bool), msg_factory=FACTORY)
+
+
+def test_labeled_cloud_like_empty_and_xyz_only(nuscenes_points):
+    xyz_only = [make_point_field(n, 4 * i, FLOAT32, 1, FACTORY) for i, n in enumerate("xyz")]
+    empty = create_cloud(make_header(0, "l", FACTORY), xyz_only, np.zeros((0, 3), np.float32),
+                         msg_factory=FACTORY)
+    out = labeled_cloud_like(empty, np.zeros(0, np.int64), np.zeros(0), msg_factory=FACTORY)
+    assert out.width * out.height == 0
+    assert [f.name for f in out.fields] == ["x", "y", "z", "label", "score"]
+    msg = create_cloud(empty.header, xyz_only, nuscenes_points[:100, :3], msg_factory=FACTORY)
+    out = labeled_cloud_like(msg, np.arange(100), np.zeros(100), msg_factory=FACTORY)
+    assert [(f.name, f.offset) for f in out.fields] == [
+        ("x", 0), ("y", 4), ("z", 8), ("label", 12), ("score", 16)] and out.point_step == 20
 
 
 def test_pack_rgb_bits():

@@ -3,6 +3,8 @@ poses and sensor calibrations."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,7 @@ import pytest
 
 from clip2scene_core.errors import TransformError
 from clip2scene_ros.msgs import MessageFactory
-from clip2scene_ros.tf import (Tf2Backend, TfResolver, TransformBuffer, matrix_to_transform,
+from clip2scene_ros.tf import (ListenerBuffer, Tf2Backend, TfResolver, TransformBuffer, matrix_to_transform,
                                transform_to_matrix)
 
 FACTORY = MessageFactory.from_rosbags("ROS2_HUMBLE")
@@ -386,3 +388,44 @@ def test_tf2_backend_frame_check_without_frame_exists():
     assert backend.has_frame("map") and backend.has_frame("lidar_top")
     assert not backend.has_frame("odom")
     assert TfResolver(backend, "auto").active_fixed_frame() == "map"
+
+
+# ---- the node's own /tf listener (where tf2_ros is not installed) ----------------------------
+def test_listener_buffer_waits_for_late_transforms_like_tf2(nuscenes):
+    """A lookup blocks until /tf brings the data (another thread), up to the timeout."""
+    buf = ListenerBuffer(timeout_s=5.0)
+    static = tf_message([matrix_to_transform(T, FACTORY, "base_link", ch, 0)
+                         for ch, T in nuscenes["sensor_to_ego"].items()])
+    assert buf.on_tf_static(static) == 7
+    (t0, T0), (t1, T1) = nuscenes["poses"]["LIDAR_TOP"][:2]
+    buf.on_tf(tf_message([matrix_to_transform(T0, FACTORY, "map", "base_link", t0)]))
+    mid = (t0 + t1) // 2
+    late = threading.Timer(0.3, buf.on_tf, [tf_message([matrix_to_transform(
+        T1, FACTORY, "map", "base_link", t1)])])
+    started = time.monotonic()
+    late.start()
+    T = buf.lookup_full("CAM_FRONT", mid, "LIDAR_TOP", mid, "map")   # needs the second pose
+    waited = time.monotonic() - started
+    late.join()
+    assert waited >= 0.25
+    reference = build_buffer(nuscenes).lookup_full("CAM_FRONT", mid, "LIDAR_TOP", mid, "map")
+    assert_pose_close(T, reference)
+    assert buf.has_frame("map") and not buf.has_frame("odom")
+
+
+def test_listener_buffer_times_out_and_counts_bad_transforms(nuscenes):
+    buf = ListenerBuffer(timeout_s=0.2)
+    with pytest.raises(TransformError, match="not in the TF tree"):
+        buf.lookup("CAM_FRONT", "LIDAR_TOP", 0)
+    good = matrix_to_transform(nuscenes["sensor_to_ego"]["CAM_FRONT"], FACTORY, "base_link",
+                               "CAM_FRONT", 0)
+    bad = matrix_to_transform(np.eye(4), FACTORY, "base_link", "LIDAR_TOP", 0)
+    bad.transform.rotation.w = 2.0                       # not a unit quaternion
+    loop = matrix_to_transform(np.eye(4), FACTORY, "CAM_FRONT", "base_link", 0)
+    assert buf.on_tf_static(tf_message([bad, good, loop])) == 1
+    assert buf.rejected == 2 and "loop" in buf.last_error
+    np.testing.assert_allclose(buf.lookup("base_link", "CAM_FRONT", 0),
+                               nuscenes["sensor_to_ego"]["CAM_FRONT"], atol=1e-12)
+    # TfResolver over it: the same policy as over tf2 (plain lookup: no world frame here)
+    resolver = TfResolver(buf, "auto")
+    assert resolver.active_fixed_frame() == ""

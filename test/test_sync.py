@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clip2scene_core.errors import ConfigError
-from clip2scene_ros.sync import (SKIP_NEVER, SKIP_NO_MATCH, SKIP_TIMEOUT, FrameSync, LatestSlot,
+from clip2scene_ros.sync import (PAIR_LATEST, PAIR_SYNCHRONIZED, CameraInfoPairing, SKIP_NEVER, SKIP_NO_MATCH, SKIP_TIMEOUT, FrameSync, LatestSlot,
                                  SyncConfig)
 
 CAMS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT")
@@ -216,3 +216,35 @@ def test_latest_slot_close_wakes_blocked_consumer():
     slot.close()
     t.join(10.0)
     assert not t.is_alive() and result == [None]
+
+
+# ---- image ↔ CameraInfo --------------------------------------------------------------------
+def test_latest_camera_info_is_attached_to_every_image():
+    """A latched or 1 Hz CameraInfo must not starve a 10 Hz camera."""
+    pairing = CameraInfoPairing(PAIR_LATEST)
+    assert pairing.on_image("img0", 0, 0) == []               # no CameraInfo yet: dropped, counted
+    assert pairing.counters.no_info == 1
+    assert pairing.on_info("info@0", 0, 0) == []
+    got = [pairing.on_image(f"img{i}", i * 100 * MS, i * 100 * MS) for i in range(1, 11)]
+    assert got == [[(f"img{i}", "info@0")] for i in range(1, 11)]
+    pairing.on_info("info@1s", 1000 * MS, 1000 * MS)          # new intrinsics win from now on
+    assert pairing.on_image("img11", 1100 * MS, 1100 * MS) == [("img11", "info@1s")]
+    assert pairing.counters.paired == 11 and pairing.latest_info == "info@1s"
+
+
+def test_synchronized_camera_info_pairs_by_stamp_within_slop():
+    pairing = CameraInfoPairing(PAIR_SYNCHRONIZED, SyncConfig(queue_size=5, slop=0.01,
+                                                              camera_timeout=0.5))
+    assert pairing.on_image("img@0", 0, 0) == []               # waits for its CameraInfo
+    assert pairing.on_info("info@0", 0, 1 * MS) == [("img@0", "info@0")]
+    assert pairing.on_info("info@100", 100 * MS, 100 * MS) == []
+    # 3 ms off: a closer CameraInfo may still come, so the pair goes out with the next one
+    assert pairing.on_image("img@103", 103 * MS, 104 * MS) == []
+    assert pairing.on_info("info@200", 200 * MS, 200 * MS) == [("img@103", "info@100")]
+    # an image whose CameraInfo never comes is released by poll and counted, never paired
+    # with a CameraInfo of another stamp
+    assert pairing.on_image("img@300", 300 * MS, 300 * MS) == []
+    assert pairing.poll(900 * MS) == []
+    assert pairing.counters.unmatched == 1 and pairing.counters.paired == 2
+    with pytest.raises(ConfigError, match="camera_info_policy"):
+        CameraInfoPairing("newest")
