@@ -43,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-embeddings", type=Path, default=None,
                     help="embedding file saved by clip2scene_core.clip.save_text_embeddings")
     ap.add_argument("--no-render", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: fastest on a shared CPU; 0: torch's default)")
     args = ap.parse_args(argv)
 
+    from .device import set_cpu_threads
     from .render import render_bev
     from .segmenter import Segmenter
 
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     try:
+        set_cpu_threads(args.threads)
         seg = Segmenter.load(args.checkpoint, device=args.device)
         if args.text_embeddings:
             seg.load_vocabulary_file(args.text_embeddings)

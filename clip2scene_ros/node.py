@@ -144,7 +144,8 @@ class SegmenterMixin:
     def _configure(self) -> None:
         cfg = self.cfg
         self.factory = MessageFactory.from_rclpy()
-        self.segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights)
+        self.segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
+                                        cfg.cpu_threads)
         self.pipeline = build_pipeline(cfg, self.segmenter, self.factory)
         self.tf_resolver = TfResolver(self._tf_backend(), cfg.fixed_frame,
                                       on_fallback=self._on_tf_fallback)

@@ -161,13 +161,18 @@ def _needed_fields(segmenter: Any, extra: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
-def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "") -> Any:
+def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "",
+                   cpu_threads: int = 1) -> Any:
     """`Segmenter` from a checkpoint, with the CLIP teacher when `clip_weights` is given.
 
     Without a teacher the vocabulary is the checkpoint's and cameras only feed overlays; with
     one, `class_names` can change at run time and camera pixels are fused into the labels.
+    Sets torch's CPU thread count first (`cpu_threads`, 0 = torch's default).
     """
+    from clip2scene_core.device import set_cpu_threads
     from clip2scene_core.segmenter import Segmenter
+
+    set_cpu_threads(cpu_threads)
 
     segmenter = Segmenter.load(checkpoint, device=device)
     if clip_weights:
@@ -185,7 +190,8 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
     Used by the node and by the replay tool, so both apply the same parameters.
     """
     if segmenter is None:
-        segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights)
+        segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
+                                   getattr(cfg, "cpu_threads", 1))
     pipeline = SegmentationPipeline(segmenter, PipelineConfig.from_node_config(cfg), msg_factory,
                                     tf_lookup)
     if cfg.class_names:

@@ -614,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True, help="output rosbag2 directory")
     p.add_argument("--checkpoint", help="deployable checkpoint (.pt); overrides the params file")
     p.add_argument("--params", type=Path, help="node params file (config/segment.yaml format)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: params file)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: params file's "
+                   "cpu_threads, 1; 0: torch's default)")
     p.add_argument("--clip-weights", help="CLIP weights: enables --class-names and camera fusion")
     p.add_argument("--class-names", help="comma-separated open vocabulary (needs --clip-weights)")
     p.add_argument("--lidar-topic", help="PointCloud2 input (default: params file, else the only one)")
@@ -665,6 +667,8 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
         changes["checkpoint"] = args.checkpoint
     if args.device:
         changes["device"] = args.device
+    if args.threads is not None:
+        changes["cpu_threads"] = args.threads
     if args.clip_weights:
         changes["clip_weights"] = args.clip_weights
     if args.class_names:
@@ -676,7 +680,7 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     if args.fixed_frame is not None:
         changes["fixed_frame"] = args.fixed_frame
     if changes:
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = dataclasses.replace(cfg, **changes)   # re-validated by NodeConfig.__post_init__
     cfg.require_checkpoint()
     src, dst = args.bag.resolve(), args.out.resolve()
     if dst == src or dst in src.parents:

@@ -366,6 +366,26 @@ def test_node_accepts_gpu_index_ints_for_doubles_and_standard_ros_keys():
     assert cfg.camera_timeout == 2.0
 
 
+def test_every_entry_point_sets_the_cpu_threads(checkpoint, tmp_path):
+    """Node and replay set torch's thread count from cpu_threads (default 1) when they load."""
+    from clip2scene_ros.pipeline import load_segmenter
+    from clip2scene_ros.replay import build_parser, options_from_args
+
+    before = torch.get_num_threads()
+    try:
+        load_segmenter(str(checkpoint), "cpu", "", 2)
+        assert torch.get_num_threads() == 2
+        load_segmenter(str(checkpoint), "cpu")
+        assert torch.get_num_threads() == NodeConfig().cpu_threads == 1
+        args = build_parser().parse_args(["in.bag", "--out", str(tmp_path / "o"), "--checkpoint",
+                                          str(checkpoint), "--threads", "3"])
+        assert options_from_args(args).config.cpu_threads == 3
+        with pytest.raises(ConfigError, match="cpu_threads"):
+            from_parameters({"cpu_threads": -1})
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_parameter_round_trip_and_specs():
     cfg = from_parameters({"cameras": ["front", "left"], "camera.left.transport": "compressed",
                            "class_names": ["car", "road"], "slop": 1, "use_sim_time": True})
