@@ -46,7 +46,8 @@ test: venv ros
 	CLIP2SCENE_REQUIRE_ROS=1 $(PY) -m pytest -q test
 
 bench: venv
-	$(PY) benchmarks/backbone_throughput.py
+	$(PY) benchmarks/pipeline_latency.py --threads 1
+	$(PY) benchmarks/backbone_throughput.py --threads 1
 
 clean:
 	rm -rf $(VENV) out runs

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .datasets.base import load_points_bin
 from .errors import Clip2SceneError, InvalidPointCloudError
+from .threads import prepare_openmp
 from .types import Scan
 
 
@@ -30,6 +31,7 @@ def read_point_file(path: Path, fields: tuple[str, ...]) -> Scan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
     ap = argparse.ArgumentParser(prog="clip2scene-segment", description=__doc__)
     ap.add_argument("inputs", nargs="+", type=Path, help="point files (.bin / .npy)")
     ap.add_argument("--checkpoint", required=True, type=Path)
@@ -43,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-embeddings", type=Path, default=None,
                     help="embedding file saved by clip2scene_core.clip.save_text_embeddings")
     ap.add_argument("--no-render", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: fastest on a shared CPU; 0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default 0: automatic, one on machines with two cores "
+                         "or fewer)")
     args = ap.parse_args(argv)
 
-    from .device import set_cpu_threads
+    from .threads import set_cpu_threads
     from .render import render_bev
     from .segmenter import Segmenter
 

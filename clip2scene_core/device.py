@@ -24,17 +24,3 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"device '{device}' asked for but CUDA is not available")
     return dev
 
-
-def set_cpu_threads(threads: int) -> int:
-    """Set torch's intra-op CPU threads (every entry point calls this); returns the count.
-
-    On a shared or busy CPU torch's default (all cores) spins its OpenMP workers against the
-    other jobs: one thread was measured 100× faster than the default there. 0 keeps torch's
-    default.
-    """
-    threads = int(threads)
-    if threads < 0:
-        raise ConfigError(f"CPU threads must be >= 0, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()

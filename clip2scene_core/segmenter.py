@@ -34,6 +34,9 @@ class SegmenterConfig:
     # the local head and CLIP's own scale of 100.
     head: Literal["local", "global", "both"] | None = None
     logit_scale: float | None = None
+    # classify backbone rows (voxels) with the heads folded into the text embeddings (exact,
+    # `clip2scene_core.classify`); False: embed every point with the head, the reference path
+    folded_heads: bool = True
     camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
     camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
     min_depth: float = 0.5              # metres in front of a camera to count as seen
@@ -71,6 +74,7 @@ class Segmenter:
         self.logit_scale = float(self.config.logit_scale or self.extra.get("logit_scale", 100.0))
         self._lock = threading.Lock()
         self._vocab = None  # (Vocabulary, (K, D) tensor on device), swapped atomically
+        self._folded: tuple[torch.Tensor, object] | None = None   # (emb it was folded for, clf)
         self._install_vocabulary(vocabulary, text_embeddings)
 
     # ----------------------------------------------------------------- construction
@@ -120,6 +124,7 @@ class Segmenter:
         self._move(self.device)
 
     def _move(self, device: torch.device) -> None:
+        self._folded = None
         with self._lock:
             self.model.to(device)
             vocab, emb = self._vocab
@@ -182,6 +187,26 @@ class Segmenter:
         self._install_vocabulary(te.vocabulary, te.embeddings)
 
     # ------------------------------------------------------------------- inference
+    def _classifier(self, emb: torch.Tensor):
+        """The folded classifier of this vocabulary (re-folded when it or the device changes)."""
+        from .classify import FoldedClassifier
+
+        cached = self._folded
+        if cached is not None and cached[0] is emb:
+            return cached[1]
+        clf = FoldedClassifier(self.model.local_head, self.model.global_head, emb, self.head,
+                               self.logit_scale)
+        self._folded = (emb, clf)
+        return clf
+
+    def _row_probs(self, batch, emb: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Class probabilities per backbone row, and whether rows are points (else voxels)."""
+        if not self.config.folded_heads:
+            return self._point_logits(self.model(batch), emb).float().softmax(dim=1), True
+        feats = self.model.backbone_features(batch)
+        point_wise = bool(getattr(self.model.backbone, "point_wise", False))
+        return self._classifier(emb).logits(feats).float().softmax(dim=1), point_wise
+
     def _point_logits(self, out, emb: torch.Tensor) -> torch.Tensor:
         head = self.head
         if head == "local":
@@ -245,20 +270,23 @@ class Segmenter:
         batch = VoxelBatch.from_voxels(voxels, self.device)
         timings["voxelize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = self.model(batch)
-        probs = self._point_logits(out, emb).float().softmax(dim=1)
+        probs, point_rows = self._row_probs(batch, emb)
+        fuse = bool(cameras) and self.teacher is not None and self.config.camera_fusion
+        if fuse and not point_rows:   # camera fusion works per point: only then expand
+            probs, point_rows = probs[batch.inverse], True
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["infer"] = time.perf_counter() - t0
-        if cameras:
-            if self.teacher is None or not self.config.camera_fusion:
-                reason = "no CLIP teacher loaded" if self.teacher is None else "camera fusion disabled"
-                info["cameras_skipped"] = [(c.name, reason) for c in cameras]
-            else:
-                t0 = time.perf_counter()
-                probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask], cameras, emb, info)
-                timings["cameras"] = time.perf_counter() - t0
+        if cameras and not fuse:
+            reason = "no CLIP teacher loaded" if self.teacher is None else "camera fusion disabled"
+            info["cameras_skipped"] = [(c.name, reason) for c in cameras]
+        elif fuse:
+            t0 = time.perf_counter()
+            probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask], cameras, emb, info)
+            timings["cameras"] = time.perf_counter() - t0
         score, label = probs.max(dim=1)
+        if not point_rows:            # one label per voxel, gathered to its points last
+            score, label = score[batch.inverse], label[batch.inverse]
         labels[voxels.point_mask] = label.cpu().numpy()
         scores[voxels.point_mask] = score.cpu().numpy()
         info["points_dropped"] = int(n - voxels.point_mask.sum())

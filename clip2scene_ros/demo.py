@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from clip2scene_core.threads import prepare_openmp
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "test/data/nuscenes/dororo99_v1.0-extract_3samples"
 log = logging.getLogger("clip2scene.demo")
@@ -86,6 +88,7 @@ def pretrain_default_model(out: Path, retrain: bool) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
     ap = argparse.ArgumentParser(prog="clip2scene-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
     ap.add_argument("--checkpoint", type=Path, default=os.environ.get("CLIP2SCENE_CHECKPOINT") or None,

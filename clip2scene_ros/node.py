@@ -39,6 +39,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
 from clip2scene_core.errors import Clip2SceneError, TransformError
+from clip2scene_core.threads import prepare_openmp
 
 from .label_info import label_classes_json, label_info_entries
 from .msgs import MessageFactory
@@ -433,6 +434,7 @@ _START_ERRORS = (Clip2SceneError, ParameterException, TransformError)
 
 
 def _run(make_node: Any, args: list[str] | None) -> int:
+    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
     rclpy.init(args=args)
     node = None
     code = 0

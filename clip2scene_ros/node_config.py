@@ -81,8 +81,9 @@ class NodeConfig:
                                "clip_model; enables run-time class_names and camera fusion. "
                                "Empty: the checkpoint's fixed vocabulary, LiDAR-only inference")
     device: str = _p("auto", "inference device: auto (CUDA if available), cpu, cuda or cuda:N")
-    cpu_threads: int = _p(1, "torch CPU threads for inference (0: torch's default). One is the "
-                             "fastest on a CPU shared with other nodes; raise it on an idle one",
+    cpu_threads: int = _p(0, "torch CPU threads for inference; 0: automatic (one on machines "
+                             "with two cores or fewer, else half the cores, at most 4). OpenMP "
+                             "workers wait passively (OMP_WAIT_POLICY=PASSIVE unless set)",
                           min_value=0, max_value=1024)
     lidar_topic: str = _p("/points", "input sensor_msgs/PointCloud2 topic")
     cameras: list[str] = _p([], "camera names; each reads camera.<name>.image_topic/info_topic/"

@@ -162,14 +162,15 @@ def _needed_fields(segmenter: Any, extra: Sequence[str]) -> tuple[str, ...]:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "",
-                   cpu_threads: int = 1) -> Any:
+                   cpu_threads: int = 0) -> Any:
     """`Segmenter` from a checkpoint, with the CLIP teacher when `clip_weights` is given.
 
     Without a teacher the vocabulary is the checkpoint's and cameras only feed overlays; with
     one, `class_names` can change at run time and camera pixels are fused into the labels.
-    Sets torch's CPU thread count first (`cpu_threads`, 0 = torch's default).
+    Sets torch's CPU thread count first (`cpu_threads`; 0: one on machines with two cores
+    or fewer, see `clip2scene_core.threads`).
     """
-    from clip2scene_core.device import set_cpu_threads
+    from clip2scene_core.threads import set_cpu_threads
     from clip2scene_core.segmenter import Segmenter
 
     set_cpu_threads(cpu_threads)
@@ -191,7 +192,7 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
     """
     if segmenter is None:
         segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
-                                   getattr(cfg, "cpu_threads", 1))
+                                   getattr(cfg, "cpu_threads", 0))
     pipeline = SegmentationPipeline(segmenter, PipelineConfig.from_node_config(cfg), msg_factory,
                                     tf_lookup)
     if cfg.class_names:

@@ -40,6 +40,7 @@ from clip2scene_core.errors import Clip2SceneError, ConfigError
 from clip2scene_core.geometry import project_points
 from clip2scene_core.metrics import ConfusionMatrix
 from clip2scene_core.palette import normalize_name
+from clip2scene_core.threads import prepare_openmp
 
 from .bag import (CAMERA_INFO, COMPRESSED_IMAGE, IMAGE, LABEL_CLASSES_TOPIC, LABEL_IGNORE,
                   LABELS_TOPIC, POINTCLOUD2, TF_MESSAGE, BagError, BagReader, BagWriter,
@@ -615,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="deployable checkpoint (.pt); overrides the params file")
     p.add_argument("--params", type=Path, help="node params file (config/segment.yaml format)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: params file)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: params file's "
-                   "cpu_threads, 1; 0: torch's default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the params file's "
+                   "cpu_threads; 0: automatic, one on machines with two cores or fewer)")
     p.add_argument("--clip-weights", help="CLIP weights: enables --class-names and camera fusion")
     p.add_argument("--class-names", help="comma-separated open vocabulary (needs --clip-weights)")
     p.add_argument("--lidar-topic", help="PointCloud2 input (default: params file, else the only one)")
@@ -696,6 +697,7 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -8,6 +8,7 @@ a tiny random checkpoint saved and loaded through the real checkpoint API.
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import sys
 import threading
@@ -368,6 +369,7 @@ def test_node_accepts_gpu_index_ints_for_doubles_and_standard_ros_keys():
 
 def test_every_entry_point_sets_the_cpu_threads(checkpoint, tmp_path):
     """Node and replay set torch's thread count from cpu_threads (default 1) when they load."""
+    from clip2scene_core.threads import default_threads
     from clip2scene_ros.pipeline import load_segmenter
     from clip2scene_ros.replay import build_parser, options_from_args
 
@@ -375,8 +377,10 @@ def test_every_entry_point_sets_the_cpu_threads(checkpoint, tmp_path):
     try:
         load_segmenter(str(checkpoint), "cpu", "", 2)
         assert torch.get_num_threads() == 2
-        load_segmenter(str(checkpoint), "cpu")
-        assert torch.get_num_threads() == NodeConfig().cpu_threads == 1
+        load_segmenter(str(checkpoint), "cpu")          # cpu_threads 0: automatic
+        assert NodeConfig().cpu_threads == 0 and torch.get_num_threads() == default_threads()
+        assert [default_threads(n) for n in (1, 2, 3, 8, 64)] == [1, 1, 1, 4, 4]
+        assert os.environ.get("OMP_WAIT_POLICY")       # set before torch ran (conftest or here)
         args = build_parser().parse_args(["in.bag", "--out", str(tmp_path / "o"), "--checkpoint",
                                           str(checkpoint), "--threads", "3"])
         assert options_from_args(args).config.cpu_threads == 3

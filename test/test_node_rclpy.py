@@ -122,10 +122,12 @@ def test_node_labels_a_real_sweep_over_dds(ros, nusc, checkpoint):
     factory = MessageFactory.from_rclpy()
     points = subsample(nusc.points)
     prefix = "/c2s_a"
-    node = SegmenterNode(parameter_overrides=_params(checkpoint, prefix))
+    node = SegmenterNode(parameter_overrides=_params(checkpoint, prefix, filter_classes=["car"],
+                                                     filter_mode="drop"))
     tester = rclpy.create_node("c2s_tester_a")
-    clouds, overlays, diagnostics, classes = [], [], [], []
+    clouds, overlays, diagnostics, classes, filtered = [], [], [], [], []
     tester.create_subscription(PointCloud2, f"/{NODE_NAME}/labeled_points", clouds.append, 10)
+    tester.create_subscription(PointCloud2, f"/{NODE_NAME}/filtered_points", filtered.append, 10)
     tester.create_subscription(Image, f"/{NODE_NAME}/overlay/front", overlays.append, 10)
     tester.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
     cloud_pub = tester.create_publisher(PointCloud2, f"{prefix}/points", qos_profile_sensor_data)
@@ -167,6 +169,12 @@ def test_node_labels_a_real_sweep_over_dds(ros, nusc, checkpoint):
         np.testing.assert_allclose(got["x"], points[:, 0])
         assert got["label"].max() < 16
         assert (overlays[0].width, overlays[0].height, overlays[0].encoding) == (1600, 900, "rgb8")
+        # ~/filtered_points: the same sweep without the "car" points, same fields
+        car = node.pipeline.class_names.index("car")
+        assert _wait(lambda: any(f.header.stamp == out.header.stamp for f in filtered), 10.0)
+        kept = read_points(next(f for f in filtered if f.header.stamp == out.header.stamp))
+        assert kept.dtype.names == got.dtype.names
+        assert len(kept) == int((got["label"] != car).sum()) and not (kept["label"] == car).any()
         # the camera was used (not skipped): its CameraInfo came once, latched, and TF via /tf_static
         assert _wait(lambda: any(s.values for d in diagnostics for s in d.status), 10.0)
         first_after = len(diagnostics)

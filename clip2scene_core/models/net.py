@@ -72,12 +72,20 @@ class Clip2SceneNet(nn.Module):
     def feature_dim(self) -> int:
         return int(self.backbone.out_channels)
 
-    def forward(self, batch: VoxelBatch) -> NetOutput:
+    def backbone_features(self, batch: VoxelBatch) -> torch.Tensor:
+        """Backbone rows: one per voxel, or per kept point when ``backbone.point_wise``.
+
+        Inference classifies these rows directly (`clip2scene_core.classify`): a voxel's
+        points share its features, so heads and labels are computed once per voxel.
+        """
         if batch.features.shape[1] != self.config.in_channels:
             raise ConfigError(
                 f"batch has {batch.features.shape[1]} feature channels, model expects "
                 f"{self.config.in_channels} (voxel.features {self.config.voxel.features})")
-        feats = self.backbone(batch)
+        return self.backbone(batch)
+
+    def forward(self, batch: VoxelBatch) -> NetOutput:
+        feats = self.backbone_features(batch)
         local, glob = self.local_head(feats), self.global_head(feats)
         if not self.backbone.point_wise:   # heads on voxels (fewer rows), then voxel → point
             inv = batch.inverse
