@@ -210,3 +210,51 @@ def test_sweeps_are_aligned_augmented_together_and_fused(data_dir):
     assert np.isfinite(scalars["ssr"]) and scalars["ssr"] > 0
     g = out_feats["g"].grad
     assert float(g[~batch.is_key].abs().sum()) > 0                          # sweeps take part in SSR
+
+
+def test_training_length_in_steps_resumes_bitwise_and_returns_the_start(tmp_path, monkeypatch):
+    """``optim.steps``: exactly that many optimizer steps (5 over 2 samples = 3 data passes,
+    the last cut short), a record every ``save_every_steps``; SIGTERM + resume ends bitwise
+    equal; ``initial_checkpoint`` holds the untrained weights training started from."""
+    from clip2scene_core.checkpoint import load_checkpoint
+    from clip2scene_core.models import build_model
+    from training import pretrain
+    from training.engine import objectives
+    from training.engine.loop import Interrupted
+    from training.engine.state import load_state
+
+    def cfg(out):
+        c = _tiny_cfg(tmp_path, out)
+        c.optim.steps, c.run.save_every_steps = 5, 2
+        return c
+
+    ref = pretrain.run(cfg("ref"))
+    assert ref["steps"] == 5 and [h["step"] for h in ref["history"]] == [2.0, 4.0, 5.0]
+    assert [h["epoch"] for h in ref["history"]] == [0.0, 1.0, 2.0]
+    st = load_state(ref["state"])
+    assert (st["global_step"], st["epoch"], st["step_in_epoch"]) == (5, 2, 1)
+    assert ref["teacher_agreement"] is None                        # these key frames carry no labels
+
+    init = load_checkpoint(ref["initial_checkpoint"])
+    torch.manual_seed(cfg("x").run.seed)
+    fresh = build_model(cfg("x").model).state_dict()
+    trained = load_checkpoint(ref["checkpoint"]).state_dict
+    assert all(torch.equal(v, fresh[k]) for k, v in init.state_dict.items())
+    assert any(not torch.equal(v, trained[k]) for k, v in init.state_dict.items() if v.is_floating_point())
+
+    real_call = objectives.PretrainObjective.__call__
+    calls = {"n": 0}
+
+    def call(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(objectives.PretrainObjective, "__call__", call)
+    with pytest.raises(Interrupted):
+        pretrain.run(cfg("cut"))
+    assert load_state(tmp_path / "cut" / "last.pt")["global_step"] == 3
+    monkeypatch.setattr(objectives.PretrainObjective, "__call__", real_call)
+    pretrain.run(cfg("cut"), resume=True)
+    _assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "cut" / "last.pt")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CLIP2Scene pre-training: MaskCLIP teacher pass (cached), then SCR + SSR on the 3D network.
+"""CLIP2Scene pre-training: 2D teacher pass (cached), then SCR + SSR on the 3D network.
 
     python training/pretrain.py --config config/pretrain_demo.yaml
     python training/pretrain.py --config config/pretrain_nuscenes.yaml --resume
@@ -7,7 +7,8 @@
     torchrun --nnodes=2 --node_rank=0 --master_addr=host0 --nproc_per_node=8 training/pretrain.py ...
 
 Writes ``<out_dir>/last.pt`` (resume state, every epoch and on SIGTERM), ``<out_dir>/tb``
-(TensorBoard) and ``<out_dir>/model.pt`` (deployable checkpoint for the node / replay).
+(TensorBoard), ``<out_dir>/initial.pt`` (the untrained starting weights, deployable, for
+baselines) and ``<out_dir>/model.pt`` (deployable checkpoint for the node / replay).
 """
 from __future__ import annotations
 
@@ -42,15 +43,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *, reader=None,
         teacher=None) -> dict:
-    """Teacher pass + training. ``reader`` (a ``Sequence[Sample]``) and ``teacher`` (anything
-    with ``pixel_features``/``text_embeddings``) replace the configured ones when given."""
+    """Teacher pass + training; returns what a caller needs to evaluate.
+
+    ``reader`` (a ``Sequence[Sample]``) and ``teacher`` (any ``clip2scene_core.teachers.Teacher2D``:
+    ``ClipTeacher``, ``LabelImageTeacher``, ``StoredPredictionTeacher``, your own; an older
+    object with only ``pixel_features(image, uv)`` + ``text_embeddings`` is wrapped by
+    ``as_teacher``) replace the configured ones when given.
+
+    Returns ``teacher`` (pass counts), ``teacher_agreement`` (``{"points", "accuracy", "miou"}``
+    of the pseudo-labels against the 3D labels on the training points the cameras see, None
+    without labels), ``teacher_cache`` (a ``TeacherCache``: ``pseudo_labels(sample, text_emb)``,
+    ``load_sample``), ``text_embeddings``, and after training ``history``, ``steps``, ``state``
+    (resume file), ``checkpoint`` (deployable, trained) and ``initial_checkpoint`` (deployable,
+    the untrained starting weights: the baseline of any evaluation).
+    """
     from clip2scene_core.models import build_model
+    from clip2scene_core.teachers import as_teacher
     from training.engine import common
     from training.engine.data import Subset, TrainDataset, build_reader
     from training.engine.distributed import unwrap, wrap_ddp
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import PretrainObjective
     from training.engine.state import seed_everything
+    from training.engine.teacher_cache import TeacherAgreement
 
     with common.training_run(cfg.run) as dist:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -59,28 +74,37 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
         if cfg.data.indices is not None:
             reader = Subset(reader, cfg.data.indices)
 
-        # 1. teacher pass (MaskCLIP once per image), then the teacher leaves the GPU
+        # 1. teacher pass (the 2D teacher once per image), then the teacher leaves the GPU
         tdev = dist.device if cfg.teacher.device == "auto" else cfg.teacher.device
-        teacher = teacher if teacher is not None else common.build_teacher(cfg.teacher, tdev)
+        teacher = as_teacher(teacher if teacher is not None else common.build_teacher(cfg.teacher, tdev))
         text_emb = common.text_embeddings(teacher, vocab, cfg.teacher)
         if text_emb.shape[1] != cfg.model.embed_dim:
             raise ConfigError(f"model.embed_dim={cfg.model.embed_dim} but the teacher's embeddings have "
                               f"{text_emb.shape[1]} dimensions")
         cache = common.make_cache(teacher, cfg.teacher)
+        agreement = TeacherAgreement(vocab.class_names)
         stats = common.run_teacher_pass(reader, teacher, cache, text_emb, dist, cfg.run.num_workers,
-                                        cfg.run.progress)
+                                        cfg.run.progress, agreement)
         clip_model = common.clip_model_name(teacher, cfg.teacher)
         del teacher
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        agree = agreement.summary()
         if dist.is_main:
-            log.info("teacher pass: %s", stats)
+            log.info("teacher pass: %s; pseudo-labels vs 3D labels: %s", stats, agree)
+        teacher_out = {"teacher": stats, "teacher_agreement": agree, "teacher_cache": cache,
+                       "text_embeddings": text_emb}
         if teacher_only:
-            return {"teacher": stats}
+            return teacher_out
 
         # 2. 3D network
         seed_everything(cfg.run.seed, cfg.run.deterministic)   # same init whatever the teacher drew
         net = build_model(cfg.model).to(dist.device)
+        initial = Path(cfg.run.out_dir) / "initial.pt"
+        if dist.is_main and not (resume and initial.is_file()):
+            common.write_deployable(initial, cfg.model, net.state_dict(), vocab, text_emb, clip_model,
+                                    {"kind": "pretrain", "epochs": 0, "steps": 0, "head": "local",
+                                     "untrained": True})
         model = wrap_ddp(net, dist)
         optimizer = build_sgd(model.parameters(), cfg.optim)
         dataset = TrainDataset(reader, cfg.data, cfg.run.seed, cfg.model.embed_dim, cache, text_emb, augment=True)
@@ -96,10 +120,11 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
         deploy = Path(cfg.run.out_dir) / "model.pt"
         if dist.is_main:
             common.write_deployable(deploy, cfg.model, unwrap(model).state_dict(), vocab, text_emb, clip_model,
-                                    {"kind": "pretrain", "epochs": cfg.optim.epochs,
-                                     "history": result.history, "head": "local"})
-        return {"teacher": stats, "history": result.history, "state": str(trainer.state_path),
-                "checkpoint": str(deploy)}
+                                    {"kind": "pretrain", "epochs": cfg.optim.epochs, "steps": trainer.global_step,
+                                     "history": result.history, "head": "local",
+                                     "teacher_agreement": agree or {}})
+        return {**teacher_out, "history": result.history, "steps": trainer.global_step,
+                "state": str(trainer.state_path), "checkpoint": str(deploy), "initial_checkpoint": str(initial)}
 
 
 def main(argv=None) -> int:

@@ -72,7 +72,13 @@ def register_model_config(name: str, model_cfg: dict[str, Any], directory: str |
 
 
 class ClipTeacher:
-    """Frozen CLIP: ``encode_text``, ``text_embeddings``, ``dense_features``, ``pixel_features``."""
+    """Frozen CLIP: ``encode_text``, ``text_embeddings``, ``dense_features``, ``pixel_features``.
+
+    Implements ``clip2scene_core.teachers.Teacher2D`` (the MaskCLIP teacher of pre-training).
+    """
+
+    #: features come from the image alone (the teacher cache need not keep it after the pass)
+    reads_sources = False
 
     def __init__(self, model: torch.nn.Module, model_name: str, tokenizer: Any,
                  device: str | torch.device = "cpu", preprocess: PreprocessConfig | None = None,
@@ -91,6 +97,7 @@ class ClipTeacher:
         self.mean = tuple(cfg.get("mean", getattr(self.model.visual, "image_mean", None) or OPENAI_MEAN))
         self.std = tuple(cfg.get("std", getattr(self.model.visual, "image_std", None) or OPENAI_STD))
         self._weights_id: str | None = None
+        self._identity: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (f"ClipTeacher({self.model_name!r}, {self.kind}, embed_dim={self.embed_dim}, "
@@ -237,6 +244,26 @@ class ClipTeacher:
             self._weights_id = h.hexdigest()
         return self._weights_id
 
+    def identity(self) -> dict[str, Any]:
+        """What the MaskCLIP features depend on besides the image (``teachers.Teacher2D``):
+        architecture, a digest of *all* weights, preprocessing, MaskCLIP options."""
+        from dataclasses import asdict
+
+        if self._identity is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.model.state_dict().items()):
+                t = v.detach().float().cpu().contiguous()
+                h.update(f"{k}:{tuple(t.shape)};".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy())
+            self._identity = {"kind": "maskclip", "model_name": self.model_name, "weights": h.hexdigest(),
+                              "preprocess": asdict(self.preprocess), "options": asdict(self.options),
+                              "mean": list(self.mean), "std": list(self.std)}
+        return self._identity
+
+    def source_digest(self, view: Any) -> str:  # noqa: ARG002
+        """MaskCLIP reads nothing but the image."""
+        return ""
+
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """(T, D) L2-normalised text embeddings on ``self.device``."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -315,11 +342,12 @@ class ClipTeacher:
         x, _ = self.prepare(images)
         return self.forward_input(x)[1]
 
-    def pixel_features(self, image: np.ndarray | Tensor, uv: np.ndarray) -> Tensor:
+    def pixel_features(self, image: np.ndarray | Tensor, uv: np.ndarray, view: Any = None) -> Tensor:
         """(N, D) features at pixels ``uv`` (u column, v row) of one (H, W, 3) image.
 
         Bilinear on the feature grid, mapped through the resize; rows re-normalised.
-        CalibrationError if a pixel lies outside the image.
+        CalibrationError if a pixel lies outside the image. ``view`` (the sample/camera,
+        ``teachers.TeacherView``) is unused: MaskCLIP needs the image alone.
         """
         feats, geo = self.dense_features_with_geometry(image)
         if feats.shape[0] != 1:

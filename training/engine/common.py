@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,9 +18,9 @@ from clip2scene_core.errors import CheckpointError, ConfigError
 
 from .config import RunConfig, TeacherConfig, VocabConfig
 from .data import Subset
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .state import STATE_FORMAT, determinism_state, load_state, restore_determinism
-from .teacher_cache import Preprocess, TeacherCache, teacher_identity
+from .teacher_cache import TeacherAgreement, TeacherCache, open_cache, teacher_identity
 
 log = logging.getLogger("clip2scene.training")
 
@@ -61,7 +62,14 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu"):
 
 
 def text_embeddings(teacher, vocab, cfg: TeacherConfig) -> torch.Tensor:
+    """(K, D) normalised class embeddings of ``vocab`` from any teacher (``Teacher2D``)."""
+    from clip2scene_core.teachers import TeacherError
+
     emb = teacher.text_embeddings(vocab, cfg.templates, cache_dir=cfg.text_cache_dir)
+    emb = torch.as_tensor(emb)
+    if emb.ndim != 2 or emb.shape[0] != len(vocab.class_names):
+        raise TeacherError(f"teacher {getattr(teacher, 'model_name', type(teacher).__name__)}: text_embeddings "
+                           f"gave shape {tuple(emb.shape)} for {len(vocab.class_names)} classes; expected (K, D)")
     return F.normalize(emb.detach().float().cpu(), dim=1)
 
 
@@ -70,18 +78,30 @@ def clip_model_name(teacher: Any, cfg: TeacherConfig) -> str:
 
 
 def make_cache(teacher: Any, cfg: TeacherConfig) -> TeacherCache:
-    ident, pre = teacher_identity(teacher)
-    return TeacherCache(cfg.cache_dir, ident, Preprocess(pre, cfg.min_depth))
+    """The content-addressed cache of ``teacher`` (identity by content, see teacher_cache)."""
+    return open_cache(teacher, cfg.cache_dir, cfg.min_depth)
 
 
 def run_teacher_pass(reader: Sequence[Any], teacher: Any, cache: TeacherCache, text_emb: torch.Tensor,
-                     dist: DistInfo, num_workers: int = 0, progress: bool = True) -> dict[str, int]:
-    """Fill the cache (each rank a shard of the samples), then wait for all ranks."""
+                     dist: DistInfo, num_workers: int = 0, progress: bool = True,
+                     agreement: TeacherAgreement | None = None) -> dict[str, int]:
+    """Fill the cache (each rank a shard of the samples), then wait for all ranks. With
+    ``agreement`` the pseudo-labels are scored against the 3D labels (summed over ranks)."""
     mine = list(range(dist.rank, len(reader), dist.world_size))
     sub = Subset(reader, mine)
     loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=num_workers,
                                          collate_fn=lambda s: s)
-    stats = cache.build(loader, teacher, text_emb, total=len(sub), progress=progress and dist.is_main)
+    if dist.is_main:
+        cache.write_manifest(teacher_identity(teacher)[1])
+    stats = cache.build(loader, teacher, text_emb, total=len(sub), progress=progress and dist.is_main,
+                        agreement=agreement)
+    if agreement is not None and dist.distributed:
+        cm = agreement.confusion
+        both = torch.from_numpy(np.concatenate([cm.matrix.reshape(-1), cm.missed])).to(dist.device)
+        both = all_reduce_sum(both, dist).cpu().numpy()          # NCCL reduces device tensors only
+        k = cm.num_classes
+        cm.matrix[...] = both[:k * k].reshape(k, k)
+        cm.missed[...] = both[k * k:]
     barrier(dist)
     return stats
 

@@ -73,10 +73,16 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     epochs: int = 20
+    steps: int | None = None                  # train this many optimizer steps instead of `epochs`
     batch_size: int = 4                       # per process
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = 0
     grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and int(self.steps) < 1:
+            from clip2scene_core.errors import ConfigError
+            raise ConfigError(f"optim.steps must be >= 1 (or null for epochs), got {self.steps}")
 
 
 @dataclass
@@ -89,7 +95,7 @@ class RunConfig:
     log_every: int = 10                       # steps between TensorBoard scalars
     progress: bool = True                     # tqdm bars
     num_threads: int | None = None            # torch.set_num_threads (CPU)
-    save_every_steps: int | None = None       # extra mid-epoch checkpoints
+    save_every_steps: int | None = None       # extra mid-epoch checkpoints (with optim.steps: the record period)
     save_rank_states: bool = False            # each DDP rank writes rank<r>_model.pt (replica check)
 
 

@@ -207,7 +207,7 @@ class TrainDataset(torch.utils.data.Dataset):
             raise ConfigError(f"sample '{getattr(sample, 'token', index)}' has no labels")
         targets = None
         if self.cache is not None:
-            targets = self.cache.load(sample.scan, sample.cameras, self.text_emb)
+            targets = self.cache.load_sample(sample, self.text_emb)
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         prep = prepare_sample(sample, targets, self.cfg, rng, self.augment, self.embed_dim)
         if self.label_map is not None and prep.gt is not None:

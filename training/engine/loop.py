@@ -6,7 +6,11 @@
   augmentations are functions of (seed, epoch, index), so a resumed CPU run is bitwise equal
   to an uninterrupted one;
 * DDP: every rank runs the same number of steps; rank 0 writes files and logs;
-* TensorBoard scalars and tqdm progress on rank 0.
+* TensorBoard scalars and tqdm progress on rank 0;
+* training length in epochs (``optim.epochs``) or in optimizer steps (``optim.steps``): with
+  steps, the learning rate follows the step, data passes are not checkpoint boundaries, and
+  history / TensorBoard / the state file are written every ``run.save_every_steps`` steps
+  (default: a tenth of the run) and at the end.
 """
 from __future__ import annotations
 
@@ -41,6 +45,18 @@ def lr_at(cfg: OptimConfig, epoch: int) -> float:
         return cfg.lr
     span = max(cfg.epochs - cfg.warmup_epochs, 1)
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+
+
+def lr_at_step(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step ``step`` of ``total`` (steps mode; warm-up counted in
+    data passes of ``steps_per_epoch`` steps)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.lr * (step + 1) / (warm + 1)
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    span = max(total - warm, 1)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (step - warm) / span))
 
 
 def build_sgd(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -135,7 +151,34 @@ class Trainer:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     # ------------------------------------------------------------------ loop
+    def _train_step(self, batch: Batch, epoch: int, lr: float) -> dict[str, float]:
+        """One optimizer step; adds the scalars to the running sums."""
+        batch = batch.to(self.dist.device)
+        loss, scalars = self.step_fn(self.model, batch, epoch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        self.step_in_epoch += 1
+        self.global_step += 1
+        scalars = {"loss": float(loss.detach()), **scalars}
+        for k, v in scalars.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+        if self.dist.is_main and self.run.log_every and self.global_step % self.run.log_every == 0:
+            self._log({**scalars, "lr": lr}, self.global_step, "train")
+        return scalars
+
+    def _check_stop(self, stop: StopFlag) -> None:
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.dist.device)
+        if float(all_reduce_sum(flag, self.dist)) > 0:
+            self.save()
+            raise Interrupted()
+
     def fit(self) -> TrainResult:
+        if self.optim.steps is not None:
+            return self._fit_steps()
         from tqdm import tqdm
 
         stop = StopFlag()
@@ -154,36 +197,18 @@ class Trainer:
                 loader = make_loader(self.dataset, todo, self.voxel_cfg, self.run.num_workers)
                 bar = tqdm(loader, total=len(todo), initial=0, disable=not (self.run.progress and self.dist.is_main),
                            desc=f"{self.kind} epoch {epoch + 1}/{self.optim.epochs}", leave=False)
-                sums = self._sums
                 self.model.train()
                 t0 = time.perf_counter()
                 for batch in bar:
-                    batch = batch.to(self.dist.device)
-                    loss, scalars = self.step_fn(self.model, batch, epoch, self.generator)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.optim.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
-                    self.optimizer.step()
-                    self.step_in_epoch += 1
-                    self.global_step += 1
-                    scalars = {"loss": float(loss.detach()), **scalars}
-                    for k, v in scalars.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    self._count += 1
+                    scalars = self._train_step(batch, epoch, lr)
                     if self.dist.is_main:
                         bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-                        if self.run.log_every and self.global_step % self.run.log_every == 0:
-                            self._log({**scalars, "lr": lr}, self.global_step, "train")
                     if self.run.save_every_steps and self.global_step % self.run.save_every_steps == 0 \
                             and self.step_in_epoch < len(batches):
                         self.save()
-                    flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.dist.device)
-                    if float(all_reduce_sum(flag, self.dist)) > 0:
-                        self.save()
-                        raise Interrupted()
+                    self._check_stop(stop)
                 bar.close()
-                means = {k: v / max(self._count, 1) for k, v in sums.items()}
+                means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
                 self._sums, self._count = {}, 0
                 means["lr"] = lr
                 means["epoch_seconds"] = time.perf_counter() - t0
@@ -196,13 +221,76 @@ class Trainer:
                 self._log(means, epoch, "epoch")
                 self.save()
                 epochs_run += 1
-            if self.run.save_rank_states:
-                from clip2scene_core.atomic import atomic_torch_save
-                atomic_torch_save(unwrap(self.model).state_dict(), self.out_dir / f"rank{self.dist.rank}_model.pt")
+            self._save_rank_state()
         finally:
             stop.restore()
-            if self._writer is not None:
-                self._writer.flush()
-                self._writer.close()
-                self._writer = None
+            self._close_writer()
         return TrainResult(epochs_run, self.history, self.state_path)
+
+    def _fit_steps(self) -> TrainResult:
+        """``optim.steps`` optimizer steps over as many data passes as needed (the last one cut
+        short); a record (history, TensorBoard, state file) every ``period`` steps."""
+        from tqdm import tqdm
+
+        total = int(self.optim.steps)
+        per_epoch = len(epoch_batches(len(self.dataset), self.optim.batch_size, 0, self.run.seed,
+                                      self.dist.rank, self.dist.world_size))
+        period = self.run.save_every_steps or max(1, math.ceil(total / 10))
+        stop = StopFlag()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        passes = 0
+        bar = tqdm(total=total, initial=self.global_step, disable=not (self.run.progress and self.dist.is_main),
+                   desc=f"{self.kind} steps", leave=False)
+        t0 = time.perf_counter()
+        try:
+            while self.global_step < total:
+                epoch = self.epoch
+                self.dataset.set_epoch(epoch)
+                batches = epoch_batches(len(self.dataset), self.optim.batch_size, epoch, self.run.seed,
+                                        self.dist.rank, self.dist.world_size)
+                todo = batches[self.step_in_epoch:][: total - self.global_step]
+                loader = make_loader(self.dataset, todo, self.voxel_cfg, self.run.num_workers)
+                self.model.train()
+                for batch in loader:
+                    lr = lr_at_step(self.optim, self.global_step, total, per_epoch)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
+                    scalars = self._train_step(batch, epoch, lr)
+                    bar.update(1)
+                    if self.dist.is_main:
+                        bar.set_postfix(loss=f"{scalars['loss']:.4f}", data_pass=epoch + 1)
+                    if self.step_in_epoch == len(batches):          # data pass complete
+                        self.epoch += 1
+                        self.step_in_epoch = 0
+                        passes += 1
+                    if self.global_step % period == 0 or self.global_step == total:
+                        means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+                        self._sums, self._count = {}, 0
+                        means["lr"] = lr
+                        means["seconds"] = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        if self.epoch_end is not None:
+                            means.update(self.epoch_end(epoch))
+                        means["epoch"] = float(epoch)
+                        means["step"] = float(self.global_step)
+                        self.history.append(means)
+                        self._log(means, self.global_step, "period")
+                        self.save()
+                    self._check_stop(stop)
+            self._save_rank_state()
+        finally:
+            bar.close()
+            stop.restore()
+            self._close_writer()
+        return TrainResult(passes, self.history, self.state_path)
+
+    def _save_rank_state(self) -> None:
+        if self.run.save_rank_states:
+            from clip2scene_core.atomic import atomic_torch_save
+            atomic_torch_save(unwrap(self.model).state_dict(), self.out_dir / f"rank{self.dist.rank}_model.pt")
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None

@@ -1,19 +1,22 @@
-"""Teacher pass: MaskCLIP runs once per image; pixel features of the pixels hit by points are
-cached so training epochs never re-run CLIP.
+"""Teacher pass: the 2D teacher runs once per image; pixel features of the pixels hit by points
+are cached so training epochs never re-run it.
 
-One cache entry per (sample, camera), content-addressed: the key is a SHA-256 of the teacher
-id (model + weights), the image bytes, the calibration, the preprocessing and the projected
-points. Changing any of them gives a new key, so a stale entry can never be read, and a pass
-that was interrupted simply resumes (entries that exist are skipped). Each entry is written
-atomically (temporary file + rename), so a killed pass leaves no half-written file.
+One cache entry per (sample, camera), content-addressed: the key is a SHA-256 of the teacher's
+identity (``Teacher2D.identity()``: weights / class list / settings, whatever the teacher is
+called), the per-image source digest (``Teacher2D.source_digest(view)``: the label image or
+stored prediction the teacher reads for this image), the image bytes, the calibration, the
+preprocessing and the projected points. Changing any of them gives a new key, so a stale entry
+can never be read and two different teachers never share an entry; a pass that was
+interrupted simply resumes (entries that exist are skipped). Each entry is written atomically
+(temporary file + rename), so a killed pass leaves no half-written file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,15 +25,20 @@ import torch.nn.functional as F
 from clip2scene_core.atomic import atomic_write
 from clip2scene_core.errors import Clip2SceneError
 from clip2scene_core.geometry import project_points
+from clip2scene_core.teachers import Teacher2D, TeacherView, as_teacher, identity_digest
 from clip2scene_core.types import CameraFrame, Scan
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+#: the teacher interface (``clip2scene_core.teachers.Teacher2D``), under its former name
+PixelTeacher = Teacher2D
+SourceDigest = Callable[[TeacherView], str]
 
 
-class PixelTeacher(Protocol):
-    """What the cache needs from a teacher (``ClipTeacher`` satisfies it)."""
-
-    def pixel_features(self, image: np.ndarray, uv: np.ndarray) -> torch.Tensor: ...
+def view_of(sample: Any, camera: CameraFrame) -> TeacherView:
+    """The identity of one image of a sample, as teachers receive it."""
+    return TeacherView(token=str(getattr(sample, "token", "") or ""), camera=str(camera.name),
+                       scene=str(getattr(sample, "scene", "") or ""), stamp_ns=int(getattr(camera, "stamp_ns", 0) or 0))
 
 
 @dataclass
@@ -78,8 +86,8 @@ def text_digest(text_emb: torch.Tensor) -> str:
     return _digest(np.ascontiguousarray(text_emb.detach().float().cpu().numpy()).tobytes())[:16]
 
 
-def entry_key(teacher_id: str, camera: CameraFrame, xyz: np.ndarray, pre: Preprocess) -> str:
-    """Content address of one (image, calibration, points, preprocessing, teacher) entry."""
+def entry_key(teacher_id: str, camera: CameraFrame, xyz: np.ndarray, pre: Preprocess, source: str = "") -> str:
+    """Content address of one (image, calibration, points, preprocessing, teacher, source) entry."""
     cal = camera.calibration
     cam = cal.camera
     calib = json.dumps({"w": cam.width, "h": cam.height, "K": np.asarray(cam.K).tolist(),
@@ -87,32 +95,55 @@ def entry_key(teacher_id: str, camera: CameraFrame, xyz: np.ndarray, pre: Prepro
                         "T": np.asarray(cal.lidar_to_camera).tolist()}, sort_keys=True)
     img = np.ascontiguousarray(camera.image)
     return _digest(f"v{CACHE_VERSION}", teacher_id, json.dumps(pre.as_dict(), sort_keys=True), calib,
-                   str(img.shape), img.tobytes(), np.ascontiguousarray(xyz, dtype=np.float32).tobytes())
+                   str(img.shape), img.tobytes(), np.ascontiguousarray(xyz, dtype=np.float32).tobytes(),
+                   f"source:{source}")
 
 
 class TeacherCache:
-    """Folder of ``<key[:2]>/<key>.npz`` entries (float16 features, int32 point indices)."""
+    """Folder of ``<key[:2]>/<key>.npz`` entries (float16 features, int32 point indices).
 
-    def __init__(self, root: str | Path, teacher_id: str, preprocess: Preprocess | None = None) -> None:
+    ``source_digest`` is the teacher's ``source_digest`` when it reads per-image files (label
+    images, stored predictions): keys then need the sample's identity, so use the ``*_sample``
+    methods. Build one with ``open_cache(teacher, cache_dir)``.
+    """
+
+    def __init__(self, root: str | Path, teacher_id: str, preprocess: Preprocess | None = None,
+                 source_digest: SourceDigest | None = None) -> None:
         self.root = Path(root)
         self.teacher_id = teacher_id
         self.preprocess = preprocess or Preprocess()
+        self.source_digest = source_digest
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
 
-    def keys_for(self, scan: Scan, cameras: Sequence[CameraFrame]) -> list[str]:
-        return [entry_key(self.teacher_id, cam, scan.xyz, self.preprocess) for cam in cameras]
+    def keys_for(self, scan: Scan, cameras: Sequence[CameraFrame],
+                 views: Sequence[TeacherView] | None = None) -> list[str]:
+        if self.source_digest is not None and views is None:
+            raise Clip2SceneError("this teacher reads per-image sources: cache keys need the sample "
+                                  "(use keys_for_sample / load_sample)")
+        sources = ([self.source_digest(v) for v in views] if self.source_digest is not None and views is not None
+                   else [""] * len(cameras))
+        return [entry_key(self.teacher_id, cam, scan.xyz, self.preprocess, src) for cam, src in zip(cameras, sources)]
+
+    def keys_for_sample(self, sample: Any) -> list[str]:
+        return self.keys_for(sample.scan, sample.cameras, [view_of(sample, c) for c in sample.cameras])
 
     # ------------------------------------------------------------------ writing
     def _write(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         atomic_write(self.path(key), lambda fh: np.savez(fh, **arrays))
 
     @torch.no_grad()
-    def compute_entry(self, teacher: PixelTeacher, scan: Scan, camera: CameraFrame,
-                      text_emb: torch.Tensor, key: str | None = None) -> str:
-        """Run the teacher on one camera and store the features of the pixels hit by points."""
-        key = key or entry_key(self.teacher_id, camera, scan.xyz, self.preprocess)
+    def compute_entry(self, teacher: Teacher2D, scan: Scan, camera: CameraFrame,
+                      text_emb: torch.Tensor, key: str | None = None, view: TeacherView | None = None) -> str:
+        """Run the teacher on one camera and store the features of the pixels hit by points.
+
+        Rows the teacher leaves at zero or NaN ("no opinion", e.g. unlabelled pixels) are not
+        stored: those points get no target."""
+        view = view or TeacherView(token="", camera=str(camera.name), stamp_ns=int(camera.stamp_ns))
+        if key is None:
+            src = self.source_digest(view) if self.source_digest is not None else ""
+            key = entry_key(self.teacher_id, camera, scan.xyz, self.preprocess, src)
         proj = project_points(scan.xyz, camera.calibration, min_depth=self.preprocess.min_depth)
         idx = np.flatnonzero(proj.valid).astype(np.int32)
         dim = int(text_emb.shape[1])
@@ -121,11 +152,14 @@ class TeacherCache:
             # project_points accepts the outer half pixel (v up to H - 0.5); the teacher samples
             # pixel centres 0..H-1. Clamping moves such points by at most half a pixel.
             uv = np.clip(proj.uv[idx], 0.0, [W - 1.0, H - 1.0])
-            feats = teacher.pixel_features(camera.image, uv)
-            feats = F.normalize(torch.as_tensor(feats).float().cpu(), dim=1)
-            if feats.shape != (idx.size, dim):
-                raise Clip2SceneError(f"teacher returned {tuple(feats.shape)} features for "
-                                      f"{idx.size} pixels of dimension {dim}")
+            raw = torch.as_tensor(teacher.pixel_features(camera.image, uv, view)).float().cpu()
+            if raw.shape != (idx.size, dim):
+                raise Clip2SceneError(f"teacher {getattr(teacher, 'model_name', type(teacher).__name__)} returned "
+                                      f"{tuple(raw.shape)} features for {idx.size} pixels; expected "
+                                      f"({idx.size}, {dim}) like its class embeddings")
+            keep = torch.isfinite(raw).all(1) & (raw.abs().sum(1) > 0)
+            idx = idx[keep.numpy()]
+            feats = F.normalize(raw[keep], dim=1)
             labels = (feats @ F.normalize(text_emb.float().cpu(), dim=1).t()).argmax(1)
         else:
             feats, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
@@ -134,32 +168,62 @@ class TeacherCache:
                           "text_digest": np.array(text_digest(text_emb))})
         return key
 
-    def build(self, samples: Iterable[Any], teacher: PixelTeacher, text_emb: torch.Tensor,
-              total: int | None = None, progress: bool = True, desc: str = "teacher pass") -> dict[str, int]:
-        """Fill the cache for every camera of every sample; existing entries are skipped."""
+    def write_manifest(self, identity: dict[str, Any]) -> Path:
+        """``<root>/teachers/<teacher_id>.json``: what the teacher id stands for (for people)."""
+        path = self.root / "teachers" / f"{self.teacher_id}.json"
+        if not path.is_file():
+            text = json.dumps({"teacher_id": self.teacher_id, "identity": identity,
+                               "preprocess": self.preprocess.as_dict()}, indent=1, sort_keys=True, default=str)
+            atomic_write(path, lambda fh: fh.write(text.encode()))
+        return path
+
+    def build(self, samples: Iterable[Any], teacher: Teacher2D, text_emb: torch.Tensor,
+              total: int | None = None, progress: bool = True, desc: str = "teacher pass",
+              agreement: "TeacherAgreement | None" = None) -> dict[str, int]:
+        """Fill the cache for every camera of every sample; existing entries are skipped.
+        With ``agreement``, the pseudo-labels are scored against the samples' 3D labels."""
         from tqdm import tqdm
 
         stats = {"computed": 0, "cached": 0, "samples": 0}
         bar = tqdm(samples, total=total, desc=desc, disable=not progress, unit="sample")
         for sample in bar:
-            for cam, key in zip(sample.cameras, self.keys_for(sample.scan, sample.cameras)):
+            views = [view_of(sample, c) for c in sample.cameras]
+            keys = self.keys_for(sample.scan, sample.cameras, views)
+            for cam, key, view in zip(sample.cameras, keys, views):
                 if self.path(key).is_file():
                     stats["cached"] += 1
                     continue
-                self.compute_entry(teacher, sample.scan, cam, text_emb, key)
+                self.compute_entry(teacher, sample.scan, cam, text_emb, key, view)
                 stats["computed"] += 1
+            if agreement is not None and getattr(sample, "labels", None) is not None:
+                agreement.update(sample, self._load_keys(sample.scan, keys, text_emb))
             stats["samples"] += 1
             bar.set_postfix(computed=stats["computed"], cached=stats["cached"])
         return stats
 
     # ------------------------------------------------------------------ reading
     def load(self, scan: Scan, cameras: Sequence[CameraFrame], text_emb: torch.Tensor | None = None) -> PixelTargets:
-        """Merged teacher targets of one sample; a missing entry is an error naming the fix."""
+        """Merged teacher targets of one sample; a missing entry is an error naming the fix.
+        (Teachers that read per-image sources need ``load_sample``.)"""
+        return self._load_keys(scan, self.keys_for(scan, cameras), text_emb)
+
+    def load_sample(self, sample: Any, text_emb: torch.Tensor | None = None) -> PixelTargets:
+        """Merged teacher targets of one sample (works for every teacher)."""
+        return self._load_keys(sample.scan, self.keys_for_sample(sample), text_emb)
+
+    def pseudo_labels(self, sample: Any, text_emb: torch.Tensor) -> np.ndarray:
+        """(N,) the teacher's pseudo-label of every point of ``sample`` (-1: no camera pixel)."""
+        t = self.load_sample(sample, text_emb)
+        out = np.full(len(sample.scan), -1, np.int64)
+        out[t.point_index] = t.labels
+        return out
+
+    def _load_keys(self, scan: Scan, keys: Sequence[str], text_emb: torch.Tensor | None) -> PixelTargets:
         n = len(scan)
         owner = np.full(n, -1, dtype=np.int64)
         feats_list, labels_list, idx_list = [], [], []
         digest = text_digest(text_emb) if text_emb is not None else None
-        for key in self.keys_for(scan, cameras):
+        for key in keys:
             path = self.path(key)
             if not path.is_file():
                 raise Clip2SceneError(
@@ -189,23 +253,54 @@ class TeacherCache:
 
 
 def teacher_identity(teacher: Any) -> tuple[str, dict[str, Any]]:
-    """(id, preprocessing) of a teacher for cache keys: a hash of its model name and *all* its
-    weights (so two different checkpoints never share entries) and its image settings."""
-    ident = getattr(teacher, "cache_id", None)
-    if isinstance(ident, str):
-        pre = getattr(teacher, "cache_preprocess", {})
-        return ident, dict(pre)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(getattr(teacher, "model_name", type(teacher).__name__)).encode())
-    model = getattr(teacher, "model", None)
-    if model is not None:
-        for k, v in sorted(model.state_dict().items()):
-            t = v.detach().float().cpu().contiguous()
-            h.update(f"{k}:{tuple(t.shape)};".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy())
-    pre: dict[str, Any] = {}
-    for name in ("preprocess", "options"):
-        obj = getattr(teacher, name, None)
-        if obj is not None and is_dataclass(obj):
-            pre[name] = json.loads(json.dumps(asdict(obj), default=str))
-    return h.hexdigest(), pre
+    """(id, identity) of a teacher for cache keys: the digest of ``identity()`` and its class,
+    so teachers differing in weights, class lists, settings or code never share entries,
+    whatever they are named. Old-style teachers are identified through ``as_teacher``."""
+    t = as_teacher(teacher)
+    ident = t.identity()
+    if not isinstance(ident, dict):
+        raise Clip2SceneError(f"{type(t).__name__}.identity() must return a dict, got {type(ident).__name__}")
+    cls = type(t)
+    full = {"class": f"{cls.__module__}.{cls.__qualname__}", "identity": ident}
+    return identity_digest(full), ident
+
+
+def open_cache(teacher: Any, cache_dir: str | Path, min_depth: float = 1.0) -> TeacherCache:
+    """The cache of ``teacher`` under ``cache_dir`` (what the teacher pass fills): read the
+    teacher's pseudo-labels and features of a sample with ``load_sample`` / ``pseudo_labels``.
+
+    The cache keeps the teacher's ``source_digest`` only when it reads per-image files
+    (``reads_sources`` is not False), so a CLIP teacher can leave memory after the pass."""
+    t = as_teacher(teacher)
+    ident, _ = teacher_identity(t)
+    digest = t.source_digest if getattr(t, "reads_sources", True) is not False else None
+    return TeacherCache(cache_dir, ident, Preprocess({}, min_depth), digest)
+
+
+class TeacherAgreement:
+    """How often the teacher's pseudo-labels equal the 3D labels on the points it covers
+    (accuracy, mIoU over the vocabulary's classes): the ceiling distillation aims for."""
+
+    def __init__(self, vocab_names: Sequence[str]) -> None:
+        from clip2scene_core.metrics import ConfusionMatrix
+
+        self.names = list(vocab_names)
+        self.confusion = ConfusionMatrix(len(self.names))
+
+    def update(self, sample: Any, targets: PixelTargets) -> None:
+        from training.evaluate import label_map
+
+        if sample.labels is None or not len(targets):
+            return
+        gt = np.asarray(sample.labels, dtype=np.int64)[targets.point_index]
+        m = label_map(getattr(sample, "class_names", None), self.names)
+        if m is not None:
+            gt = np.where(gt >= 0, m[np.clip(gt, 0, None)], -1)
+        self.confusion.update(targets.labels, gt)
+
+    def summary(self) -> dict[str, float] | None:
+        """``{"points", "accuracy", "miou"}``, or None when no labelled point was covered."""
+        points = int(self.confusion.matrix.sum() + self.confusion.missed.sum())
+        if points == 0:
+            return None
+        return {"points": points, "accuracy": self.confusion.accuracy(), "miou": self.confusion.miou()}

@@ -1,0 +1,1 @@
+"""Runnable worked examples of training (see README, Training)."""
