@@ -14,6 +14,7 @@ ROS 1 names such as ``K`` / ``D`` for ROS 1 bags; the converters in this package
 from __future__ import annotations
 
 import bz2
+import errno
 import heapq
 import shutil
 import tempfile
@@ -86,7 +87,11 @@ class BagMessage:
 
 @dataclass
 class ReadReport:
-    """What reading a bag delivered and what it had to skip, and why."""
+    """What reading a bag delivered and what it had to skip, and why.
+
+    Only what could not be read counts as damage: topics the caller did not ask for (a replay
+    with ``--no-cameras``, extra topics in the bag) are not "missing".
+    """
 
     path: str = ""
     storage: str = ""
@@ -96,13 +101,27 @@ class ReadReport:
     #: mcap chunks / ROS 1 chunks / sqlite rows whose bytes could not be read at all
     unreadable_chunks: int = 0
     unreadable_rows: int = 0
+    #: messages in readable chunks whose channel (topic) record was lost with a damaged chunk
+    orphan_messages: int = 0
     #: the file ends inside a record (cut copy, crash while recording)
     truncated: bool = False
     #: the fallback record scanner was used (rosbags could not read the bag as a whole)
     salvaged: bool = False
+    #: an mcap summary section (schemas, channels, chunk index) was found and used by salvage
+    summary_used: bool = False
     #: message count the bag's own metadata announced, when known
     expected_messages: int | None = None
+    #: the same per topic, when known (metadata.yaml, or the mcap summary's statistics)
+    expected_by_topic: dict[str, int] | None = None
     corrupt_by_topic: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: raw messages the storage delivered per requested topic (decodable or not)
+    delivered_by_topic: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: topics a caller read (``BagReader.raw_messages`` / ``messages``)
+    requested_topics: set[str] = field(default_factory=set)
+    #: the last read went through to the end of the bag (``missing_messages`` is final)
+    complete: bool = False
+    #: topics the metadata announced whose channel could not be read at all (salvage) → count
+    lost_topics: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -111,27 +130,88 @@ class ReadReport:
         log.warning("%s: %s", self.path, text)
 
     @property
-    def missing_messages(self) -> int | None:
-        """Messages the metadata announced that were neither read nor found corrupt."""
-        if self.expected_messages is None:
+    def expected_requested(self) -> int | None:
+        """Messages the metadata announced on the topics that were read."""
+        if self.expected_by_topic is None:
             return None
-        return max(self.expected_messages - self.messages_read - self.corrupt_messages, 0)
+        return sum(self.expected_by_topic.get(t, 0) for t in self.requested_topics)
+
+    @property
+    def missing_messages(self) -> int | None:
+        """Messages announced on the topics read that the storage did not deliver.
+
+        Known only after a read went to the end of the bag and when the metadata (or the mcap
+        summary) announced counts; topics nobody asked for never count.
+        """
+        if not self.complete:
+            return None
+        if self.expected_by_topic is None:
+            if self.expected_messages is None:
+                return None
+            return max(self.expected_messages - self.messages_read - self.corrupt_messages, 0)
+        return sum(max(self.expected_by_topic.get(t, 0) - self.delivered_by_topic.get(t, 0), 0)
+                   for t in self.requested_topics)
 
     @property
     def damaged(self) -> bool:
-        """Anything skipped or lost (``missing_messages`` counts only after reading everything)."""
+        """Anything actually unreadable (``missing_messages`` counts only after reading everything)."""
         return bool(self.corrupt_messages or self.unreadable_chunks or self.unreadable_rows
-                    or self.truncated or (self.missing_messages or 0))
+                    or self.orphan_messages or self.truncated or self.lost_topics
+                    or (self.missing_messages or 0))
+
+    def summary_line(self) -> str:
+        """One line saying what was unreadable (empty for an intact bag)."""
+        if not self.damaged:
+            return ""
+        parts = []
+        if self.truncated:
+            parts.append("the file is cut short (truncated)")
+        if self.unreadable_chunks:
+            parts.append(f"{self.unreadable_chunks} unreadable chunk(s)")
+        if self.unreadable_rows:
+            parts.append(f"{self.unreadable_rows} unreadable row(s)")
+        if self.corrupt_messages:
+            parts.append(f"{self.corrupt_messages} corrupt message(s)")
+        if self.orphan_messages:
+            parts.append(f"{self.orphan_messages} message(s) of unknown channels")
+        if self.lost_topics:
+            # the LiDAR (PointCloud2-like names) first: that is what a reader of the line wants
+            names = sorted(self.lost_topics, key=lambda t: ("points" not in t, t))
+            shown = ", ".join(f"{t} ({self.lost_topics[t]} messages)" for t in names[:3])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} topic(s) unreadable: {shown}{more}")
+        if self.missing_messages:
+            parts.append(f"{self.missing_messages} announced message(s) not found")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
+        expected_req = self.expected_requested
         return {
             "path": self.path, "storage": self.storage, "messages_read": self.messages_read,
             "corrupt_messages": self.corrupt_messages, "unreadable_chunks": self.unreadable_chunks,
-            "unreadable_rows": self.unreadable_rows, "truncated": self.truncated,
-            "salvaged": self.salvaged, "expected_messages": self.expected_messages,
-            "missing_messages": self.missing_messages,
+            "unreadable_rows": self.unreadable_rows, "orphan_messages": self.orphan_messages,
+            "truncated": self.truncated, "salvaged": self.salvaged,
+            "summary_used": self.summary_used, "damaged": self.damaged, "damage": self.summary_line(),
+            "expected_messages": self.expected_messages,
+            "expected_messages_read_topics": expected_req,
+            "messages_on_other_topics": (None if expected_req is None or self.expected_messages is None
+                                         else max(self.expected_messages - expected_req, 0)),
+            "missing_messages": self.missing_messages, "lost_topics": dict(self.lost_topics),
             "corrupt_by_topic": dict(self.corrupt_by_topic), "errors": list(self.errors),
         }
+
+
+def load_yaml_no_aliases(text: str) -> Any:
+    """``yaml.safe_load`` that refuses anchors/aliases (rosbag2 metadata never uses them; a
+    small alias "bomb" would otherwise expand to gigabytes)."""
+    class _Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"YAML aliases are not accepted here (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 # --------------------------------------------------------------------------------------
@@ -365,6 +445,7 @@ class _McapSalvage:
         self.chunks: list[tuple[int, int, str, int]] = []  # (data offset, length, compression, usize)
         self.index: list[tuple[int, int, int, int]] = []  # (log time, chunk no (-1 = file), offset, channel)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self.expected_by_topic: dict[str, int] | None = None
         self._scan()
         self.topics: dict[str, _Topic] = {}
         for cid, (topic, sid) in self.channels.items():
@@ -377,10 +458,10 @@ class _McapSalvage:
         self.typestore = _typestore_from_defs(defs, ros1=False)
         self.custom_data: dict[str, str] = {}
 
-    def _records(self, buf: bytes, base: int) -> Iterator[tuple[int, int, int]]:
-        """(opcode, content offset, content length) of the records in ``buf`` from ``base``."""
+    def _records(self, buf: bytes, base: int, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """(opcode, content offset, content length) of the records in ``buf[base:end]``."""
         pos = base
-        n = len(buf)
+        n = len(buf) if end is None else end
         while pos + 9 <= n:
             op = buf[pos]
             length = _u64(buf, pos + 1)
@@ -410,8 +491,78 @@ class _McapSalvage:
         data = self.path.read_bytes()
         if not data.startswith(MCAP_MAGIC):
             raise BagError(f"{self.path}: not an mcap file (bad magic)")
-        pos = len(MCAP_MAGIC)
         self._partial: dict[int, bytes] = {}
+        self._data = data
+        chunk_offsets = self._read_summary(data)
+        if chunk_offsets:
+            # the summary says where every chunk starts: a chunk whose record header is
+            # damaged costs that chunk only, the scan never loses its place
+            for at, length in chunk_offsets:
+                if at + 9 > len(data) or data[at] != 0x06 or _u64(data, at + 1) + 9 != length \
+                        or at + length > len(data):
+                    self.report.unreadable_chunks += 1
+                    self.report.note(f"mcap chunk at byte {at} (from the summary's chunk index) "
+                                     "has a damaged record header")
+                    continue
+                self._scan_chunk(data, at + 9, length - 9)
+        else:
+            self._linear_scan(data)
+        self.index.sort()
+        orphans = sum(1 for *_, cid in self.index if cid not in self.channels)
+        if orphans:
+            self.report.orphan_messages += orphans
+            self.report.note(f"{orphans} message(s) belong to channels whose definition was in an "
+                             "unreadable part of the file")
+
+    def _read_summary(self, data: bytes) -> list[tuple[int, int]]:
+        """Schemas, channels, per-channel message counts and the chunk index from the summary
+        section at the end of the file (present when the recording was closed properly).
+
+        Returns the (offset, record length) of every chunk the summary lists; empty without
+        a usable summary (cut file, damaged footer), in which case the records are scanned
+        front to back.
+        """
+        n = len(data)
+        footer_len = 9 + 20
+        if n < len(MCAP_MAGIC) * 2 + footer_len or not data.endswith(MCAP_MAGIC):
+            return []
+        at = n - len(MCAP_MAGIC) - footer_len
+        if data[at] != 0x02 or _u64(data, at + 1) != 20:
+            self.report.note("mcap footer is damaged: summary not used")
+            return []
+        summary_start = _u64(data, at + 9)
+        if not summary_start:
+            return []
+        if not len(MCAP_MAGIC) <= summary_start <= at:
+            self.report.note("mcap footer points outside the file: summary not used")
+            return []
+        chunks: list[tuple[int, int]] = []
+        stats: dict[int, int] = {}
+        try:
+            for op, s, length in self._records(data, summary_start, at):
+                rec = data[s:s + length]
+                if op in (0x03, 0x04):
+                    self._parse_meta(op, rec)
+                elif op == 0x08:
+                    chunks.append((_u64(rec, 16), _u64(rec, 24)))
+                elif op == 0x0B:
+                    o = 8 + 2 + 4 * 4 + 16
+                    m = _u32(rec, o)
+                    for k in range(o + 4, o + 4 + m, 10):
+                        stats[_u16(rec, k)] = _u64(rec, k + 2)
+        except (EOFError, struct.error, ValueError, UnicodeDecodeError) as exc:
+            self.report.note(f"mcap summary section is damaged ({exc}): scanning the records instead")
+            return []
+        self.report.summary_used = True
+        if stats:
+            self.expected_by_topic: dict[str, int] = defaultdict(int)
+            for cid, count in stats.items():
+                if cid in self.channels:
+                    self.expected_by_topic[self.channels[cid][0]] += count
+        return sorted(chunks)
+
+    def _linear_scan(self, data: bytes) -> None:
+        pos = len(MCAP_MAGIC)
         n = len(data)
         while pos + 9 <= n:
             op, length = data[pos], _u64(data, pos + 1)
@@ -424,21 +575,22 @@ class _McapSalvage:
                     self._scan_cut_chunk(data, start)
                 break
             if op in (0x03, 0x04):
-                self._parse_meta(op, data[start:start + length])
+                try:
+                    self._parse_meta(op, data[start:start + length])
+                except (struct.error, ValueError, UnicodeDecodeError) as exc:
+                    self.report.note(f"unreadable mcap schema/channel record at byte {pos}: {exc}")
             elif op == 0x05:
                 rec = data[start:start + length]
                 self.index.append((_u64(rec, 6), -1, start, _u16(rec, 0)))
             elif op == 0x06:
                 self._scan_chunk(data, start, length)
-            elif op in (0x02, 0x0F):  # footer / data end: the summary is redundant here
+            elif op in (0x02, 0x0F):  # footer / data end
                 break
             pos = start + length
         else:
             if pos < n:
                 self.report.truncated = True
                 self.report.note(f"mcap file is cut: {n - pos} stray bytes at the end")
-        self.index.sort()
-        self._data = data
 
     def _scan_cut_chunk(self, data: bytes, start: int) -> None:
         """The chunk the file ends in: decode what arrived (zstd / lz4 stream, or plain) and
@@ -503,7 +655,7 @@ class _McapSalvage:
                     self._parse_meta(op, raw[s:s + n])
                 elif op == 0x05:
                     self.index.append((_u64(raw, s + 6), chunk_no, s, _u16(raw, s)))
-        except (EOFError, struct.error, ValueError) as exc:
+        except (EOFError, struct.error, ValueError, UnicodeDecodeError) as exc:
             self.report.unreadable_chunks += 1
             self.report.note(f"mcap chunk at byte {start} is malformed inside: {exc}")
 
@@ -824,12 +976,13 @@ class BagReader:
     def open(self) -> "BagReader":
         self.report.expected_messages = self._metadata_count()
         ros1 = self.storage == "ros1"
-        rosbags_paths = [self.path] if self.path.is_dir() and (self.path / "metadata.yaml").exists() \
-            else self.files
+        rosbags_paths = [self.path] if self._metadata_ok else self.files
         try:
             self._source = _RosbagsSource(list(rosbags_paths), ros1)
             if self.report.expected_messages is None:
                 self.report.expected_messages = self._source.message_count
+            if self.report.expected_by_topic is None:
+                self.report.expected_by_topic = {n: t.count for n, t in self._source.topics.items()}
         except Exception as exc:  # noqa: BLE001 - rosbags refused the bag: try to salvage it
             if not self.salvage:
                 raise BagError(f"{self.path}: {exc}") from exc
@@ -839,16 +992,29 @@ class BagReader:
             self._open_salvage()
         return self
 
+    _metadata_ok = False
+    _METADATA_MAX_BYTES = 16 * 2**20
+
     def _metadata_count(self) -> int | None:
+        """Message counts (total, and per topic) from metadata.yaml; None without one."""
         meta = self.path / "metadata.yaml" if self.path.is_dir() else None
         if meta is None or not meta.exists():
             return None
         try:
-            info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
+            if meta.stat().st_size > self._METADATA_MAX_BYTES:
+                raise ValueError(f"{meta.stat().st_size} bytes")
+            info = load_yaml_no_aliases(meta.read_text())["rosbag2_bagfile_information"]
             self._metadata_custom = {str(k): str(v) for k, v in (info.get("custom_data") or {}).items()}
-            return int(info["message_count"])
-        except Exception:  # noqa: BLE001 - broken metadata is itself damage we report
-            self.report.note("metadata.yaml is unreadable")
+            count = int(info["message_count"])
+            per_topic: dict[str, int] = defaultdict(int)
+            for entry in info.get("topics_with_message_count") or []:
+                per_topic[str(entry["topic_metadata"]["name"])] += int(entry["message_count"])
+            self.report.expected_by_topic = dict(per_topic)
+            self._metadata_ok = True
+            return count
+        except Exception as exc:  # noqa: BLE001 - broken metadata is itself damage we report
+            self.report.note(f"metadata.yaml is unreadable ({type(exc).__name__}: {exc}); "
+                             "reading the storage files directly")
             return None
 
     def _open_salvage(self) -> None:
@@ -866,6 +1032,21 @@ class BagReader:
         if not sources:
             raise BagError(f"{self.path}: no readable storage file")
         self._sources_salvage = sources
+        if self.report.expected_by_topic is None:   # no metadata.yaml: the mcap summary's counts
+            counts = [getattr(src, "expected_by_topic", None) for src in sources]
+            if counts and all(c is not None for c in counts):
+                merged: dict[str, int] = defaultdict(int)
+                for c in counts:
+                    for name, k in c.items():
+                        merged[name] += k
+                self.report.expected_by_topic = dict(merged)
+                if self.report.expected_messages is None:
+                    self.report.expected_messages = sum(merged.values())
+        readable = self._topic_table()
+        self.report.lost_topics = {t: n for t, n in (self.report.expected_by_topic or {}).items()
+                                   if n > 0 and t not in readable}
+        if self.report.lost_topics:
+            self.report.note("no readable channel record for " + ", ".join(sorted(self.report.lost_topics)))
 
     def close(self) -> None:
         if self._source is not None:
@@ -932,6 +1113,11 @@ class BagReader:
         if self._source is None and self._sources_salvage is None:
             raise BagError("BagReader is not open")
         wanted = set(self.topics) if topics is None else set(topics)
+        report = self.report
+        report.complete = False
+        report.requested_topics |= wanted
+        for name in wanted:   # a second read of a topic counts afresh
+            report.delivered_by_topic[name] = 0
         last_t = -1
         at_last: set[tuple[str, bytes]] = set()
         if self._source is not None:
@@ -940,7 +1126,9 @@ class BagReader:
                     if t != last_t:
                         last_t, at_last = t, set()
                     at_last.add((topic, raw[:64]))
+                    report.delivered_by_topic[topic] += 1
                     yield topic, typ, t, raw, self._source
+                report.complete = True
                 return
             except _SourceFailure as exc:
                 if not self.salvage:
@@ -952,7 +1140,9 @@ class BagReader:
         for t, topic, typ, raw, s in heapq.merge(*gens, key=lambda x: x[0]):
             if t < last_t or (t == last_t and (topic, raw[:64]) in at_last):
                 continue  # already delivered before the fast path failed
+            report.delivered_by_topic[topic] += 1
             yield topic, typ, t, raw, s
+        report.complete = True
 
     def messages(self, topics: Iterable[str] | None = None) -> Iterator[BagMessage]:
         """Deserialized messages of ``topics`` (all if None) in bag time order.
@@ -989,12 +1179,124 @@ class BagReader:
 # writer
 # --------------------------------------------------------------------------------------
 
+#: custom_data key every BagWriter bag carries in metadata.yaml: ``--overwrite`` only ever
+#: replaces a bag that has it (or an empty folder)
+WRITER_MARK_KEY = "clip2scene.writer"
+WRITER_MARK = "clip2scene_ros BagWriter"
+
+
+def _own_bag_files(path: Path) -> list[Path] | str:
+    """The files of a bag :class:`BagWriter` wrote at ``path`` (metadata.yaml last), or the
+    reason why ``path`` is not such a bag."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is a file, not a bag directory"
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return []
+    meta = path / "metadata.yaml"
+    if "metadata.yaml" not in entries or meta.is_symlink() or not meta.is_file():
+        return f"it is not a rosbag2 directory (no metadata.yaml; it holds {_some(entries)})"
+    try:
+        if meta.stat().st_size > BagReader._METADATA_MAX_BYTES:
+            raise ValueError("too large")
+        info = load_yaml_no_aliases(meta.read_text())["rosbag2_bagfile_information"]
+        custom = info.get("custom_data") or {}
+        files = [str(f) for f in info.get("relative_file_paths") or []]
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata: not provably ours
+        return f"its metadata.yaml is unreadable ({type(exc).__name__})"
+    if not isinstance(custom, dict) or custom.get(WRITER_MARK_KEY) != WRITER_MARK:
+        return ("it is a rosbag2 bag this tool did not write (no "
+                f"'{WRITER_MARK_KEY}' mark in metadata.yaml: recorded by another tool or an older version)")
+    if any(Path(f).name != f or f in (".", "..", "metadata.yaml") for f in files):
+        return "its metadata.yaml lists files outside the bag directory"
+    extra = [e for e in entries if e != "metadata.yaml" and e not in files]
+    if extra:
+        return f"it holds files that are not part of the bag: {_some(extra)}"
+    out = []
+    for f in files:
+        fp = path / f
+        if fp.is_symlink() or (fp.exists() and not fp.is_file()):
+            return f"its storage file {f} is not a regular file"
+        if fp.exists():
+            out.append(fp)
+    return out + [meta]
+
+
+def _some(names: Sequence[str], k: int = 5) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def check_output_bag(path: str | Path, overwrite: bool = False, what: str = "--out") -> None:
+    """Raise :class:`BagError` unless a bag may be written at ``path``.
+
+    Nothing is deleted here (see :func:`prepare_output_bag`): tools call this before doing
+    any work, so a refused path costs nothing. ``path`` may be missing (its parent must be a
+    directory or creatable), an empty directory, or — with ``overwrite`` — a bag this
+    package's :class:`BagWriter` wrote: its metadata.yaml carries the writer's mark and the
+    directory holds only the storage files metadata.yaml lists.
+    """
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise BagError(f"{what} {path}: cannot create it, {parent} is a file, not a directory")
+            break
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if not overwrite:
+        kind = "a file" if path.is_file() else "a folder"
+        raise BagError(f"{what} {path} exists already ({kind}); pass --overwrite to replace a bag "
+                       "this tool wrote, or choose another path")
+    own = _own_bag_files(path)
+    if isinstance(own, str):
+        raise BagError(f"{what} {path}: refusing to replace it with --overwrite: {own}. "
+                       "Only a bag this tool wrote or an empty folder is replaced; move it away "
+                       "or choose another path")
+
+
+def prepare_output_bag(path: str | Path, overwrite: bool = False, what: str = "--out") -> None:
+    """:func:`check_output_bag`, then remove the empty folder or the tool's own old bag (file by
+    file, then the folder: never a recursive delete)."""
+    path = Path(path)
+    check_output_bag(path, overwrite, what)
+    if not path.is_dir():
+        return
+    own = _own_bag_files(path)
+    if isinstance(own, str):   # changed since the check: refuse
+        raise BagError(f"{what} {path}: refusing to replace it: {own}")
+    try:
+        for f in own:
+            f.unlink()
+        path.rmdir()
+    except OSError as exc:
+        raise BagError(f"{what} {path}: cannot remove the old bag: {exc.strerror or exc}") from exc
+
+
+def os_error_text(exc: OSError) -> str:
+    """``disk full`` etc. in words, for one-line CLI errors."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device (disk full)"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return exc.strerror or str(exc)
+
+
 class BagWriter:
     """Write a rosbag2 directory (mcap by default, or sqlite3) that ``ros2 bag play`` reads.
 
     Messages may be rosbags objects of the writer's typestore (serialized as they are) or any
     duck-typed message (rclpy, ROS 1), which is first copied with :func:`convert_message`.
     ``compress`` zstd-compresses mcap chunks (ros2 bag's mcap plugin reads them natively).
+
+    ``overwrite`` replaces only an empty folder or a bag a BagWriter wrote (metadata.yaml
+    carries ``WRITER_MARK_KEY``; see :func:`check_output_bag`); anything else is refused with a
+    :class:`BagError` naming the path and the reason. :meth:`close` (also on an exception
+    inside ``with``) always finishes the bag with its metadata.yaml when the disk allows it.
     """
 
     def __init__(self, path: str | Path, *, storage: str = "mcap", compress: bool = True,
@@ -1002,15 +1304,13 @@ class BagWriter:
         from rosbags.rosbag2 import StoragePlugin, Writer
 
         self.path = Path(path)
-        if self.path.exists():
-            if not overwrite:
-                raise BagError(f"{self.path} exists already")
-            import shutil
-
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if storage not in ("mcap", "sqlite3"):
             raise BagError(f"unknown storage {storage!r} (mcap or sqlite3)")
+        prepare_output_bag(self.path, overwrite, what="output bag")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BagError(f"output bag {self.path}: cannot create its folder: {os_error_text(exc)}") from exc
         self.storage = storage
         self.typestore = typestore or default_typestore(False)
         self._writer = Writer(self.path, version=Writer.VERSION_LATEST,
@@ -1019,12 +1319,20 @@ class BagWriter:
             from rosbags.rosbag2 import CompressionFormat, CompressionMode
 
             self._writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+        self._writer.set_custom_data(WRITER_MARK_KEY, WRITER_MARK)
         self._conns: dict[str, Any] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self._open = False
+        #: False after a close that could not write the metadata (e.g. the disk is full)
+        self.complete = True
 
     def open(self) -> "BagWriter":
-        self._writer.open()
+        try:
+            self._writer.open()
+        except OSError as exc:
+            raise BagError(f"output bag {self.path}: cannot create it: {os_error_text(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - rosbags' WriterError (exists, ...)
+            raise BagError(f"output bag {self.path}: {exc}") from exc
         self._open = True
         return self
 
@@ -1032,10 +1340,14 @@ class BagWriter:
         return self.open()
 
     def __exit__(self, exc_type, *_: object) -> None:
-        if exc_type is not None and self._open:
-            # keep what was written: a partial bag is still useful (and readable)
-            pass
-        self.close()
+        # on an exception too: a partial bag is still useful and readable when it is closed
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BagError as exc:   # the original exception is the one to report
+            log.error("%s", exc)
 
     def set_custom_data(self, key: str, value: str) -> None:
         self._writer.set_custom_data(key, value)
@@ -1056,6 +1368,12 @@ class BagWriter:
             raise BagError(f"topic {topic} already written with type {conn.msgtype}, not {msgtype}")
         return conn
 
+    def _write(self, conn: Any, stamp_ns: int, data: bytes) -> None:
+        try:
+            self._writer.write(conn, int(stamp_ns), data)
+        except OSError as exc:
+            raise BagError(f"cannot write to the output bag {self.path}: {os_error_text(exc)}") from exc
+
     def write(self, topic: str, msg: Any, stamp_ns: int, msgtype: str | None = None, *,
               qos: Sequence[Any] = ()) -> None:
         """Serialize ``msg`` (its type from ``msgtype`` or ``msg.__msgtype__``) at bag time ``stamp_ns``.
@@ -1071,7 +1389,7 @@ class BagWriter:
         if cls is None or not isinstance(msg, cls):
             msg = convert_message(msg, typ, self.typestore)
         data = self.typestore.serialize_cdr(msg, typ)
-        self._writer.write(conn, int(stamp_ns), data)
+        self._write(conn, stamp_ns, data)
         self.counts[topic] += 1
 
     def write_raw(self, topic: str, msgtype: str, data: bytes, stamp_ns: int,
@@ -1089,13 +1407,26 @@ class BagWriter:
             self.connection(topic, msgtype, msgdef=msgdef,
                             digest=source_typestore.hash_rihs01(msgtype))
         conn = self.connection(topic, msgtype)
-        self._writer.write(conn, int(stamp_ns), data)
+        self._write(conn, stamp_ns, data)
         self.counts[topic] += 1
 
     def close(self) -> None:
-        if self._open:
+        """Finish the bag (storage summary + metadata.yaml). Raises :class:`BagError` when that
+        is impossible (disk full); the storage file is then closed without its summary."""
+        if not self._open:
+            return
+        self._open = False
+        try:
             self._writer.close()
-            self._open = False
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error: say so, keep the data
+            self.complete = False
+            try:
+                self._writer.abort()
+            except Exception:  # noqa: BLE001
+                pass
+            text = os_error_text(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            raise BagError(f"output bag {self.path} could not be finished ({text}): it has no "
+                           "metadata.yaml and may be cut short") from exc
 
 
 def latched_qos(depth: int = 1) -> list[Any]:

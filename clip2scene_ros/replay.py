@@ -20,6 +20,12 @@ damaged bag is processed as far as it can be read). With ground truth in the bag
 or in ``--gt-dir`` (``<stamp_ns>.npy`` label arrays), it computes per-class IoU / mIoU and a
 confusion-matrix PNG. ``--render-frames 0,5`` writes bird's-eye-view and camera PNGs of those
 frames. Everything lands in ``--report-dir`` (default ``<out>_report``): report.json, PNGs.
+
+Every run that reaches the bag writes its report and closes the output bag with its
+metadata.yaml, also when it stops early (damaged bag without a readable LiDAR topic, disk
+full, Ctrl-C, SIGTERM, a bug); the report then says why. Exit status: 0 when labelled frames
+were written, 1 when none was, 2 on an error, 3 on an unexpected error, 130/143 when
+interrupted. ``--overwrite`` replaces only a bag this tool wrote or an empty folder.
 """
 from __future__ import annotations
 
@@ -27,8 +33,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import signal
 import sys
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +53,7 @@ from clip2scene_core.threads import prepare_openmp
 
 from .bag import (CAMERA_INFO, COMPRESSED_IMAGE, IMAGE, LABEL_CLASSES_TOPIC, LABEL_IGNORE,
                   LABELS_TOPIC, POINTCLOUD2, TF_MESSAGE, BagError, BagReader, BagWriter,
-                  convert_message)
+                  check_output_bag, convert_message, os_error_text)
 from .msgs import MessageFactory, header_stamp_ns
 from .node_config import NODE_NAME, CameraConfig, NodeConfig, load_params_file
 from .pipeline import CameraInput, PipelineOutput, build_pipeline
@@ -140,7 +149,9 @@ class Evaluator:
 
     Predictions are in the segmenter's class list, ground truth in the dataset's; classes are
     matched by (normalised) name, and a predicted class with no ground-truth counterpart
-    counts as a miss.
+    counts as a miss. Ground truth that cannot be used (unreadable cloud, wrong number of
+    labels, no readable class list) is counted per reason in ``skipped``, never dropped
+    silently.
     """
 
     def __init__(self, gt_class_names: Sequence[str] | None = None) -> None:
@@ -151,6 +162,17 @@ class Evaluator:
         self.frames = 0
         self.size_mismatch = 0
         self.unmatched_pred_classes: set[str] = set()
+        self.skipped: Counter[str] = Counter()
+        self.examples: list[str] = []
+        #: a class list was in the bag but none could be read (and none was given)
+        self.classes_unreadable = False
+
+    def skip(self, reason: str, example: str = "") -> None:
+        """Count one unusable piece of ground truth under ``reason`` (a short, fixed text)."""
+        self.skipped[reason] += 1
+        if example and len(self.examples) < 10:
+            self.examples.append(example)
+        log.warning("ground truth skipped: %s%s", reason, f" ({example})" if example else "")
 
     def set_classes(self, names: Sequence[str]) -> None:
         if self.gt_class_names is None:
@@ -159,13 +181,13 @@ class Evaluator:
     def add_gt(self, stamp: int, labels: np.ndarray) -> None:
         if stamp in self._pred:
             pred, names = self._pred.pop(stamp)
-            self._update(pred, names, labels)
+            self._update(pred, names, labels, stamp)
         else:
             self._gt[stamp] = labels
 
     def add_pred(self, stamp: int, labels: np.ndarray, class_names: Sequence[str]) -> None:
         if stamp in self._gt:
-            self._update(labels, list(class_names), self._gt.pop(stamp))
+            self._update(labels, list(class_names), self._gt.pop(stamp), stamp)
         else:
             self._pred[stamp] = (labels.astype(np.int32), list(class_names))
 
@@ -175,14 +197,19 @@ class Evaluator:
     def gt_for(self, stamp: int) -> np.ndarray | None:
         return self._gt.get(stamp)
 
-    def _update(self, pred: np.ndarray, names: list[str], gt: np.ndarray) -> None:
+    def _update(self, pred: np.ndarray, names: list[str], gt: np.ndarray, stamp: int = -1) -> None:
+        if len(pred) != len(gt):
+            self.size_mismatch += 1
+            self.skip("wrong length: the ground truth has another number of labels than the "
+                      "cloud has points", f"stamp {stamp}: {len(gt)} labels for {len(pred)} points")
+            return
         if self.gt_class_names is None:
+            if self.classes_unreadable:
+                self.skip("no readable class list for the ground truth", f"stamp {stamp}")
+                return
             self.gt_class_names = list(names)   # no class list in the bag: assume the model's
         if self.cm is None:
             self.cm = ConfusionMatrix(len(self.gt_class_names))
-        if len(pred) != len(gt):
-            self.size_mismatch += 1
-            return
         index = {normalize_name(n): i for i, n in enumerate(self.gt_class_names)}
         lut = np.full(len(names) + 1, -1, dtype=np.int64)
         for i, n in enumerate(names):
@@ -200,17 +227,35 @@ class Evaluator:
         return len(self._pred)
 
     def result(self) -> dict[str, Any] | None:
-        if self.cm is None or self.frames == 0:
+        """The evaluation; None when there was no ground truth at all. With ground truth that
+        could not be used, ``frames`` is 0 and ``skipped`` says why."""
+        if (self.cm is None or self.frames == 0) and not self.skipped:
             return None
-        iou = self.cm.iou()
         names = self.gt_class_names or []
+        ok = self.cm is not None and self.frames > 0
+        iou = self.cm.iou() if ok else []
         return {
-            "frames": self.frames, "miou": _num(self.cm.miou()), "accuracy": _num(self.cm.accuracy()),
+            "frames": self.frames, "miou": _num(self.cm.miou()) if ok else None,
+            "accuracy": _num(self.cm.accuracy()) if ok else None,
             "iou": {n: _num(v) for n, v in zip(names, iou)},
-            "points": int(self.cm.matrix.sum() + self.cm.missed.sum()),
-            "frames_without_gt": self.pending, "size_mismatch": self.size_mismatch,
+            "points": int(self.cm.matrix.sum() + self.cm.missed.sum()) if ok else 0,
+            "frames_without_gt": self.pending, "gt_without_prediction": len(self._gt),
+            "size_mismatch": self.size_mismatch,
+            "skipped": dict(self.skipped), "skipped_examples": list(self.examples),
             "unmatched_pred_classes": sorted(self.unmatched_pred_classes),
         }
+
+
+def parse_label_classes(text: Any) -> list[str]:
+    """The class list of a /clip2scene/label_classes JSON text; ValueError when it is not one."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    names = data.get("class_names") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError("no 'class_names' list of strings")
+    return names
 
 
 def _num(v: float) -> float | None:
@@ -256,20 +301,27 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("dropped: " + ", ".join(f"{k}: {v}" for k, v in report["dropped"].items()))
     for cam, reasons in report["cameras_skipped"].items():
         lines.append(f"camera {cam} skipped: " + ", ".join(f"{r} ×{n}" for r, n in reasons.items()))
-    b = report["bag"]
-    if b["truncated"] or b["corrupt_messages"] or b["unreadable_chunks"] or b["unreadable_rows"] or (
-            b.get("missing_messages") or 0):
-        lines.append(f"bag damage: truncated={b['truncated']} corrupt messages={b['corrupt_messages']} "
-                     f"unreadable chunks={b['unreadable_chunks']} rows={b['unreadable_rows']} "
-                     f"missing={b.get('missing_messages')}")
+    for text, n in (report.get("warnings") or {}).items():
+        lines.append(f"warning ×{n}: {text}")
+    b = report.get("bag") or {}
+    if b.get("damaged"):
+        lines.append(f"bag damage: {b.get('damage', '')} (truncated={b['truncated']} corrupt "
+                     f"messages={b['corrupt_messages']} unreadable chunks={b['unreadable_chunks']} "
+                     f"rows={b['unreadable_rows']} missing={b.get('missing_messages')})")
     ev = report.get("evaluation")
-    if ev:
+    if ev and ev.get("skipped"):
+        lines.append("ground truth skipped: " + ", ".join(f"{r} ×{n}" for r, n in ev["skipped"].items()))
+    if ev and ev["frames"]:
         lines.append(f"{'class':<22} {'IoU %':>7}")
         for n, v in ev["iou"].items():
             lines.append(f"{n:<22} {'   n/a' if v is None else f'{100 * v:7.2f}'}")
         miou = ev["miou"]
         lines.append(f"{'mIoU':<22} {'   n/a' if miou is None else f'{100 * miou:7.2f}'}  "
                      f"({ev['frames']} frames, {ev['points']} points)")
+    elif ev:
+        lines.append("evaluation: no frame could be evaluated")
+    if report.get("error"):
+        lines.append(f"run stopped: {report['error']}")
     return "\n".join(lines)
 
 
@@ -306,6 +358,9 @@ class Replay:
 
     def __init__(self, opts: ReplayOptions, segmenter: Any = None) -> None:
         self.opts = opts
+        tol = opts.tf_tolerance_s
+        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise ConfigError(f"tf tolerance must be a finite number of seconds >= 0, got {tol!r}")
         self.factory = MessageFactory.from_rosbags()
         self.tf = TransformBuffer(cache_duration_ns=60 * 1_000_000_000,
                                   tolerance_ns=int(opts.tf_tolerance_s * 1e9))
@@ -321,7 +376,13 @@ class Replay:
         self.lidar_messages = 0
         self.renders: list[str] = []
         self.evaluator = Evaluator(opts.gt_classes)
+        #: pipeline warnings (e.g. a missing intensity field), counted per text, as the node logs them
+        self.warnings: Counter[str] = Counter()
         self.report_dir = opts.report_dir or opts.out.parent / f"{opts.out.name}_report"
+        self.topics: ReplayTopics | None = None
+        self.bag_report: dict[str, Any] | None = None
+        self._writer: BagWriter | None = None
+        self._reader: BagReader | None = None
 
     # -- TF -------------------------------------------------------------------------------
     def fixed_frame(self) -> str:
@@ -338,101 +399,187 @@ class Replay:
         return CameraInput(cam.name, image, info, cam.optical_frame)
 
     def run(self) -> dict[str, Any]:
-        opts = self.opts
+        """Replay the bag; returns the report (also written to ``report_dir/report.json``).
+
+        The report is written and the output bag closed (with its metadata.yaml) whatever
+        happens: on an error (damaged bag without a LiDAR topic, disk full, a bug, Ctrl-C) the
+        report says what was done and why the run stopped, and the error is raised again.
+        """
         t_start = time.perf_counter()
-        with BagReader(opts.bag, salvage=opts.salvage) as reader:
+        failure: BaseException | None = None
+        try:
+            self._read_and_process()
+        except BaseException as exc:  # noqa: BLE001 - recorded in the report, raised again below
+            failure = exc
+        failure, report = self._finish(time.perf_counter() - t_start, failure)
+        if failure is not None:
+            raise failure
+        return report
+
+    def _read_and_process(self) -> None:
+        opts = self.opts
+        check_output_bag(opts.out, opts.overwrite)
+        reader = self._reader = BagReader(opts.bag, salvage=opts.salvage).open()
+        try:
             topics = discover_topics(reader.topics, opts.config, lidar_topic=opts.lidar_topic,
                                      use_cameras=opts.use_cameras, gt_topic=opts.gt_topic)
-            self.topics = topics
-            if not opts.evaluate or opts.gt_dir is not None:
-                topics.gt = None   # --gt-dir replaces the bag's label topic
-            classes_json = reader.custom_data.get("clip2scene.label_classes")
-            if classes_json and not opts.gt_classes:
-                self.evaluator.set_classes(json.loads(classes_json)["class_names"])
-            cams = {c.image_topic: c for c in topics.cameras}
-            infos = {c.info_topic: c for c in topics.cameras}
-            sync = FrameSync([c.name for c in topics.cameras], opts.config.sync)
-            latest_info: dict[str, Any] = {}
-            waiting_image: dict[str, Any] = {}
-            needed = {topics.lidar, *cams, *infos, *topics.tf, *topics.tf_static}
-            if topics.gt:
-                needed.add(topics.gt)
-            if topics.gt_classes:
-                needed.add(topics.gt_classes)
-            read = set(reader.topics) if opts.copy_inputs else needed
-            total = sum(n for t, n in reader.message_counts.items() if t in read)
-            self._writer = BagWriter(opts.out, storage=opts.storage, typestore=self.factory.typestore,
-                                     overwrite=opts.overwrite).open()
-            bar = _progress(total, opts.progress)
-            last_t = 0
-            try:
-                for topic, typ, t, raw, source in reader.raw_messages(read):
-                    bar.update(1)
-                    last_t = t
-                    if opts.copy_inputs:
-                        self._copy(reader, topic, typ, t, raw, source)
-                    if topic not in needed:
-                        continue
-                    m = reader.decode(topic, typ, t, raw, source)
-                    if m is None:
-                        if topic == topics.lidar:
-                            self.lidar_messages += 1
-                            self.dropped["corrupt LiDAR message"] += 1
-                        continue
-                    msg = m.msg
-                    if topic in topics.tf_static or topic in topics.tf:
-                        self._add_tf(msg, static=topic in topics.tf_static)
-                    elif topic == topics.gt:
-                        self.evaluator.add_gt(header_stamp_ns(msg), labels_from_cloud(msg))
-                    elif topic == topics.gt_classes:
-                        if not opts.gt_classes:
-                            self.evaluator.set_classes(json.loads(msg.data)["class_names"])
-                    elif topic in infos:
-                        cam = infos[topic]
-                        latest_info[cam.name] = msg
-                        if cam.name in waiting_image:   # its image came first
-                            img = waiting_image.pop(cam.name)
-                            self._emit(sync.add_camera(cam.name, self._camera_input(cam, img, msg),
-                                                       header_stamp_ns(img), t))
-                    elif topic in cams:
-                        cam = cams[topic]
-                        if cam.name not in latest_info:
-                            if cam.name in waiting_image:
-                                self.camera_skips[cam.name]["no CameraInfo before the image"] += 1
-                            waiting_image[cam.name] = msg
-                            continue
-                        self._emit(sync.add_camera(cam.name, self._camera_input(
-                            cam, msg, latest_info[cam.name]), header_stamp_ns(msg), t))
-                    elif topic == topics.lidar:
+        except ConfigError as exc:
+            if not reader.report.damaged:
+                raise
+            counts = reader.message_counts
+            found = ", ".join(f"{t} ({counts.get(t, 0)})" for t in sorted(reader.topics)[:8]) or "none"
+            if len(reader.topics) > 8:
+                found += f" and {len(reader.topics) - 8} more"
+            raise BagError(f"{opts.bag}: the bag is damaged ({reader.report.summary_line()}) and no "
+                           f"usable LiDAR topic could be read from it; readable topics: {found}") from exc
+        self.topics = topics
+        if not opts.evaluate or opts.gt_dir is not None:
+            topics.gt = None   # --gt-dir replaces the bag's label topic
+        classes_json = reader.custom_data.get("clip2scene.label_classes")
+        if classes_json is not None and not opts.gt_classes:
+            self._set_gt_classes(classes_json, "metadata.yaml custom_data")
+        cams = {c.image_topic: c for c in topics.cameras}
+        infos = {c.info_topic: c for c in topics.cameras}
+        sync = FrameSync([c.name for c in topics.cameras], opts.config.sync)
+        latest_info: dict[str, Any] = {}
+        waiting_image: dict[str, Any] = {}
+        needed = {topics.lidar, *cams, *infos, *topics.tf, *topics.tf_static}
+        if topics.gt:
+            needed.add(topics.gt)
+        if topics.gt_classes:
+            needed.add(topics.gt_classes)
+        read = set(reader.topics) if opts.copy_inputs else needed
+        total = sum(n for t, n in reader.message_counts.items() if t in read)
+        self._writer = BagWriter(opts.out, storage=opts.storage, typestore=self.factory.typestore,
+                                 overwrite=opts.overwrite).open()
+        bar = _progress(total, opts.progress)
+        last_t = 0
+        try:
+            for topic, typ, t, raw, source in reader.raw_messages(read):
+                bar.update(1)
+                last_t = t
+                if opts.copy_inputs:
+                    self._copy(reader, topic, typ, t, raw, source)
+                if topic not in needed:
+                    continue
+                m = reader.decode(topic, typ, t, raw, source)
+                if m is None:
+                    if topic == topics.lidar:
                         self.lidar_messages += 1
-                        if opts.max_frames is not None and self.lidar_messages > opts.max_frames:
-                            self.dropped["beyond --max-frames"] += 1
-                            continue
-                        self._emit(sync.add_lidar(msg, header_stamp_ns(msg), t))
-                # the bag is over: every camera is as complete as it will get
-                horizon = last_t + 2 * opts.config.sync.camera_timeout_ns + 1
-                self._emit(sync.poll(horizon))
-            finally:
-                bar.close()
-                self._writer.close()
+                        self.dropped["corrupt LiDAR message"] += 1
+                    elif topic == topics.gt:
+                        self.evaluator.skip("ground-truth message does not deserialize", f"bag time {t}")
+                    elif topic == topics.gt_classes:
+                        self._set_gt_classes(None, f"{topic} at bag time {t}")
+                    continue
+                msg = m.msg
+                if topic in topics.tf_static or topic in topics.tf:
+                    self._add_tf(msg, static=topic in topics.tf_static)
+                elif topic == topics.gt:
+                    self._add_gt_cloud(msg, t)
+                elif topic == topics.gt_classes:
+                    if not opts.gt_classes:
+                        self._set_gt_classes(getattr(msg, "data", None), f"{topic} at bag time {t}")
+                elif topic in infos:
+                    cam = infos[topic]
+                    latest_info[cam.name] = msg
+                    if cam.name in waiting_image:   # its image came first
+                        img = waiting_image.pop(cam.name)
+                        self._emit(sync.add_camera(cam.name, self._camera_input(cam, img, msg),
+                                                   header_stamp_ns(img), t))
+                elif topic in cams:
+                    cam = cams[topic]
+                    if cam.name not in latest_info:
+                        if cam.name in waiting_image:
+                            self.camera_skips[cam.name]["no CameraInfo before the image"] += 1
+                        waiting_image[cam.name] = msg
+                        continue
+                    self._emit(sync.add_camera(cam.name, self._camera_input(
+                        cam, msg, latest_info[cam.name]), header_stamp_ns(msg), t))
+                elif topic == topics.lidar:
+                    self.lidar_messages += 1
+                    if opts.max_frames is not None and self.lidar_messages > opts.max_frames:
+                        self.dropped["beyond --max-frames"] += 1
+                        continue
+                    self._emit(sync.add_lidar(msg, header_stamp_ns(msg), t))
+            # the bag is over: every camera is as complete as it will get
+            horizon = last_t + 2 * opts.config.sync.camera_timeout_ns + 1
+            self._emit(sync.poll(horizon))
+        finally:
+            bar.close()
             self.dropped["LiDAR queue overflow while waiting for cameras"] += sync.counters.lidar_overflow
-            self.bag_report = reader.report.to_dict()
-        wall = time.perf_counter() - t_start
-        report = self._report(wall)
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        ev = report.get("evaluation")
-        if ev and self.evaluator.cm is not None:
-            from clip2scene_core.render import render_confusion_matrix
 
-            path = render_confusion_matrix(self.evaluator.cm.matrix, self.evaluator.gt_class_names,
-                                           self.report_dir / "confusion_matrix.png",
-                                           iou=self.evaluator.cm.iou(),
-                                           title=f"mIoU {100 * (ev['miou'] or 0):.1f}% "
-                                                 f"({ev['frames']} frames)")
-            ev["confusion_png"] = str(path)
-        report["report_json"] = str(self.report_dir / "report.json")
-        (self.report_dir / "report.json").write_text(json.dumps(report, indent=2))
-        return report
+    def _set_gt_classes(self, text: Any, where: str) -> None:
+        """Class list of the ground truth from JSON; an unreadable one is counted and skipped."""
+        if self.opts.gt_classes:
+            return
+        try:
+            names = parse_label_classes(text)
+        except ValueError as exc:
+            self.evaluator.skip("unreadable ground-truth class list", f"{where}: {exc}")
+            if self.evaluator.gt_class_names is None:
+                self.evaluator.classes_unreadable = True
+            return
+        self.evaluator.set_classes(names)
+
+    def _add_gt_cloud(self, msg: Any, t: int) -> None:
+        try:
+            stamp = header_stamp_ns(msg)
+            labels = labels_from_cloud(msg)
+        except (Clip2SceneError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            self.evaluator.skip("unreadable ground-truth cloud",
+                                f"bag time {t}: {type(exc).__name__}: {str(exc)[:160]}")
+            return
+        self.evaluator.add_gt(stamp, labels)
+
+    def _finish(self, wall: float, failure: BaseException | None
+                ) -> tuple[BaseException | None, dict[str, Any]]:
+        """Close the output bag and the reader, write the report; never raises itself."""
+        problems: list[str] = []
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except BagError as exc:
+                problems.append(str(exc))
+                failure = failure or exc
+        if self._reader is not None:
+            self.bag_report = self._reader.report.to_dict()
+            try:
+                self._reader.close()
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"closing the input bag: {exc}")
+        report = self._report(wall)
+        if failure is not None:
+            report["status"] = "error"
+            report["error"] = _error_text(failure)
+            if not isinstance(failure, (Clip2SceneError, OSError, KeyboardInterrupt, Terminated)):
+                report["traceback"] = "".join(traceback.format_exception(failure))
+        else:
+            report["status"] = "ok" if self.written else "nothing written"
+        report["problems"] = problems
+        report["output_bag_complete"] = self._writer is not None and self._writer.complete
+        report["report_json"] = None
+        try:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            ev = report.get("evaluation")
+            if ev and ev["frames"] and self.evaluator.cm is not None:
+                from clip2scene_core.render import render_confusion_matrix
+
+                path = render_confusion_matrix(
+                    self.evaluator.cm.matrix, self.evaluator.gt_class_names,
+                    self.report_dir / "confusion_matrix.png", iou=self.evaluator.cm.iou(),
+                    title=f"mIoU {100 * (ev['miou'] or 0):.1f}% ({ev['frames']} frames)")
+                ev["confusion_png"] = str(path)
+            target = self.report_dir / "report.json"
+            tmp = target.with_name(".report.json.tmp")
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+            tmp.replace(target)
+            report["report_json"] = str(target)
+        except (OSError, Clip2SceneError, ValueError) as exc:
+            text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            log.error("cannot write the report to %s: %s", self.report_dir, text)
+            report["report_error"] = f"cannot write the report to {self.report_dir}: {text}"
+        return failure, report
 
     def _add_tf(self, msg: Any, static: bool) -> None:
         for tr in getattr(msg, "transforms", []):
@@ -466,6 +613,8 @@ class Replay:
         t0 = time.perf_counter()
         for name, reason in out.cameras_skipped.items():
             self.camera_skips[name][reason.split(" (")[0][:120]] += 1
+        for text in out.warnings:   # what the node logs as (throttled) warnings
+            self.warnings[str(text)[:200]] += 1
         rec: dict[str, Any] = {"index": index, "stamp_ns": out.stamp_ns, "status": out.status,
                                "points_in": out.points_in, "points_out": out.points_out,
                                "points_labeled": out.points_labeled, "dropped_nan": out.dropped_nan,
@@ -493,7 +642,10 @@ class Replay:
                                             out.class_names)
             write_s = time.perf_counter() - t0
             if index in self.opts.render_frames:   # not part of the latency figures
-                self._render(index, frame, out, gt)
+                try:
+                    self._render(index, frame, out, gt)
+                except (Clip2SceneError, ValueError, OSError) as exc:
+                    self.warnings[f"render of frame {index} failed: {type(exc).__name__}"] += 1
         timings = dict(out.timings)
         # the node's "publish" is building the messages and handing them over; here the
         # hand-over is the bag write (evaluation bookkeeping is included, renders are not)
@@ -519,7 +671,17 @@ class Replay:
         for suffix in (".npy", ".label"):
             p = self.opts.gt_dir / f"{stamp}{suffix}"
             if p.is_file():
-                arr = np.load(p).reshape(-1) if suffix == ".npy" else np.fromfile(p, np.int32)
+                try:
+                    if suffix == ".npy":
+                        arr = np.load(p, allow_pickle=False)
+                        if arr.dtype.kind not in "iub":
+                            raise ValueError(f"labels must be integers, not {arr.dtype}")
+                        arr = arr.reshape(-1)
+                    else:
+                        arr = np.fromfile(p, np.int32)
+                except (OSError, ValueError, EOFError) as exc:
+                    self.evaluator.skip("unreadable ground-truth file", f"{p}: {str(exc)[:160]}")
+                    return
                 self.evaluator.add_gt(stamp, arr.astype(np.int64))
                 return
 
@@ -562,7 +724,7 @@ class Replay:
         return {
             "input_bag": str(self.opts.bag), "output_bag": str(self.opts.out),
             "output_topic": self.opts.output_topic,
-            "topics": dataclasses.asdict(self.topics),
+            "topics": dataclasses.asdict(self.topics) if self.topics is not None else None,
             "device": str(getattr(self.pipeline.segmenter, "device", "")),
             "class_names": self.pipeline.class_names,
             "frames": {"lidar_messages": self.lidar_messages, "processed": processed,
@@ -572,6 +734,7 @@ class Replay:
             "tf": {"fixed_frame_param": self.opts.config.fixed_frame,
                    "fixed_frame": self.fixed_frame(), "fixed_frame_fallbacks": self.tf_fallbacks},
             "cameras_skipped": {c: dict(r) for c, r in self.camera_skips.items()},
+            "warnings": dict(self.warnings),
             "latency_ms": latency_table(recs),
             "throughput": {"frames_per_s_pipeline": processed / pipeline_s if pipeline_s else 0.0,
                            "frames_per_s_wall": processed / wall_s if wall_s else 0.0,
@@ -582,6 +745,29 @@ class Replay:
             "renders": self.renders,
             "per_frame": recs,
         }
+
+
+class Terminated(BaseException):
+    """SIGTERM during a run: raised in the main thread so the bag is closed and the report
+    written before the process ends (exit status 143)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line for a failure: the project's errors as they are, the rest with their type."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(exc, OSError) and not isinstance(exc, Clip2SceneError):
+        name = f" {exc.filename}" if exc.filename else ""
+        return f"{os_error_text(exc)}{name}"
+    if isinstance(exc, (Clip2SceneError, FileNotFoundError)):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (a bug: the traceback is in report.json)"
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -636,7 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", action="store_true",
                    help=f"also write {OUTPUT_NS}/overlay/<camera> images (large)")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a bag this tool wrote (or an empty folder); "
+                        "anything else there is refused, never deleted")
     p.add_argument("--gt-topic", help=f"ground-truth label cloud topic (default {LABELS_TOPIC} when present)")
     p.add_argument("--gt-dir", type=Path, help="ground truth as <stamp_ns>.npy per scan")
     p.add_argument("--gt-classes", help="class names of --gt-dir labels: comma list or a preset "
@@ -644,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation even with ground truth")
     p.add_argument("--report-dir", type=Path, help="report.json and PNGs (default <out>_report)")
     p.add_argument("--render-frames", type=_frames, default=(), help="frame indices to render, e.g. 0,5")
-    p.add_argument("--max-frames", type=int, help="process at most this many sweeps")
+    p.add_argument("--max-frames", type=int, help="process at most this many sweeps (>= 1)")
     p.add_argument("--strict", action="store_true", help="fail on a damaged bag instead of salvaging it")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout")
@@ -662,6 +850,10 @@ def _gt_classes(text: str | None) -> list[str] | None:
 
 
 def options_from_args(args: argparse.Namespace) -> ReplayOptions:
+    if not math.isfinite(args.tf_tolerance) or args.tf_tolerance < 0:
+        raise ConfigError(f"--tf-tolerance must be a finite number of seconds >= 0, got {args.tf_tolerance}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ConfigError(f"--max-frames must be >= 1, got {args.max_frames}")
     cfg = load_params_file(args.params) if args.params else NodeConfig()
     changes: dict[str, Any] = {}
     if args.checkpoint:
@@ -686,6 +878,18 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     src, dst = args.bag.resolve(), args.out.resolve()
     if dst == src or dst in src.parents:
         raise ConfigError(f"--out {args.out} would overwrite the input bag {args.bag}")
+    if src.is_dir() and src in dst.parents:
+        raise ConfigError(f"--out {args.out} is inside the input bag {args.bag}")
+    check_output_bag(args.out, args.overwrite)   # refused before any work, nothing deleted
+    report_dir = (args.report_dir or args.out.parent / f"{args.out.name}_report").resolve()
+    if report_dir == dst or dst in report_dir.parents:
+        raise ConfigError(f"--report-dir {report_dir} is inside the output bag {args.out}")
+    if report_dir == src or (src.is_dir() and src in report_dir.parents):
+        raise ConfigError(f"--report-dir {report_dir} is inside the input bag {args.bag}")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ConfigError(f"--report-dir {report_dir} is a file, not a folder")
+    if args.gt_dir is not None and not args.gt_dir.is_dir():
+        raise ConfigError(f"--gt-dir {args.gt_dir} is not a folder")
     return ReplayOptions(
         bag=args.bag, out=args.out, config=cfg, lidar_topic=args.lidar_topic,
         use_cameras=not args.no_cameras, output_topic=args.output_topic, copy_inputs=args.copy_inputs,
@@ -697,15 +901,37 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 when at least one labelled frame was written, 1 when none was, 2 on an
+    error (bad option, unreadable bag, refused --out, disk full), 3 on an unexpected error
+    (a bug), 130 on Ctrl-C. Every run that got to reading the bag leaves its report."""
     prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         opts = options_from_args(args)
-        report = Replay(opts).run()
-    except (Clip2SceneError, FileNotFoundError) as exc:
-        print(f"clip2scene-replay: error: {exc}", file=sys.stderr)
+        replay = Replay(opts)
+    except (Clip2SceneError, OSError) as exc:
+        print(f"clip2scene-replay: error: {_error_text(exc)}", file=sys.stderr)
         return 2
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        report = replay.run()
+    except BaseException as exc:  # noqa: BLE001 - one line; the report holds the details
+        where = replay.report_dir / "report.json"
+        tail = f" (report: {where})" if where.is_file() else ""
+        print(f"clip2scene-replay: error: {_error_text(exc)}{tail}", file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, Terminated):
+            return 143
+        return 2 if isinstance(exc, (Clip2SceneError, OSError)) else 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(format_table(report))
         out = Path(report["output_bag"])
@@ -713,7 +939,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"output bag: {out}  (ros2 bag play {out}; a distro older than the bag's "
               f"metadata.yaml version 9 can play the storage file: ros2 bag play {out / storage})")
         print(f"report: {report['report_json']}")
-    return 0 if report["frames"]["processed"] else 1
+    if report.get("report_error"):
+        print(f"clip2scene-replay: error: {report['report_error']}", file=sys.stderr)
+        return 2
+    if not report["frames"]["written"]:
+        f = report["frames"]
+        why = ", ".join(f"{k}: {v}" for k, v in report["dropped"].items()) or "no sweep in the bag"
+        print(f"clip2scene-replay: error: no labelled frame was written ({f['lidar_messages']} "
+              f"sweeps in, {f['processed']} processed; {why}); report: {report['report_json']}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -125,10 +125,10 @@ def test_nuscenes_bag_is_small_and_time_sorted_across_scenes(nus_bag):
 def test_nuscenes_info_pickle_scene0061(tmp_path, data_dir):
     out = tmp_path / "s61"
     pkl = next((data_dir / SCENE61).glob("*.pkl"))
-    assert nuscenes_to_bag.main(["--info", str(pkl), "--root", str(data_dir / SCENE61),
+    assert nuscenes_to_bag.main(["--info", str(pkl), "--trust-pickle", "--root", str(data_dir / SCENE61),
                                  "--out", str(out), "--quiet", "--raw-images",
                                  "--cameras", "CAM_FRONT", "CAM_BACK"]) == 0
-    reader = NuScenesInfoReader(pkl, data_dir / SCENE61, cameras=["CAM_FRONT", "CAM_BACK"])
+    reader = NuScenesInfoReader(pkl, data_dir / SCENE61, cameras=["CAM_FRONT", "CAM_BACK"], trust_pickle=True)
     sample = reader[0]
     topics, msgs = _read_all(out)
     assert topics["/cam_front/image_raw"] == "sensor_msgs/msg/Image"
@@ -152,9 +152,9 @@ def test_nuscenes_info_pickle_scene0061(tmp_path, data_dir):
 def test_nuscenes_lidarseg_ground_truth_round_trip(tmp_path, data_dir):
     out = tmp_path / "seg"
     root = data_dir / LIDARSEG
-    assert nuscenes_to_bag.main(["--info", str(root / "nus_info.pkl"), "--root", str(root),
+    assert nuscenes_to_bag.main(["--info", str(root / "nus_info.pkl"), "--trust-pickle", "--root", str(root),
                                  "--out", str(out), "--quiet", "--sweeps", "1"]) == 0
-    reader = NuScenesInfoReader(root / "nus_info.pkl", root, skip_missing_images=True)
+    reader = NuScenesInfoReader(root / "nus_info.pkl", root, skip_missing_images=True, trust_pickle=True)
     sample = reader[0]
     topics, msgs = _read_all(out)
     assert topics[LABELS_TOPIC] == "sensor_msgs/msg/PointCloud2"

@@ -8,11 +8,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import Clip2SceneError, ImageDecodeError, InvalidPointCloudError
+from ..errors import Clip2SceneError, ConfigError, ImageDecodeError, InvalidPointCloudError
 from .sample import Sample
 
 __all__ = ["DatasetReader", "require_file", "load_points_bin", "load_label_array", "read_rgb",
-           "load_pickle"]
+           "load_pickle", "PICKLE_RISK"]
 
 
 class DatasetReader(ABC):
@@ -91,12 +91,24 @@ def read_rgb(path: Path, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
-def load_pickle(path: Path, what: str = "info file") -> Any:
+#: what ``trust_pickle`` means, in the words every refusal uses
+PICKLE_RISK = ("a Python pickle runs the code a crafted file names while it is read, like a "
+               "script you execute")
+
+
+def load_pickle(path: Path, what: str = "info file", *, trust_pickle: bool = False) -> Any:
     """Unpickle an mmdet3d-style info file (plain dicts/lists/numpy).
 
-    Unpickling runs code from the file: only give readers info files you trust.
+    Unpickling runs code from the file, so it is opt-in: ``trust_pickle=True`` (CLI
+    ``--trust-pickle``, training config ``data.args.trust_pickle: true``) declares that the
+    file is trusted like a program you run. Without it a :class:`ConfigError` says so and
+    nothing is read.
     """
     require_file(path, what)
+    if trust_pickle is not True:
+        raise ConfigError(f"{what} {path} is a pickle and {PICKLE_RISK}: it is only read with "
+                          "trust_pickle=True (CLI: --trust-pickle; training config: "
+                          "data.args.trust_pickle: true), for files you trust")
     try:
         with open(path, "rb") as f:
             return pickle.load(f)

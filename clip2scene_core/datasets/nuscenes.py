@@ -218,17 +218,20 @@ class NuScenesInfoReader(DatasetReader):
     ``lidar2cam`` and ``cam2img``; file names are resolved under ``data_root`` as given, under
     ``samples/<channel>/`` (``sweeps/LIDAR_TOP`` for sweeps) or flat. LiDAR files are always read
     as float32 × 5, whatever ``num_pts_feats`` says (mmdet3d loads 5 and then uses 4).
+
+    The info file is a pickle, which runs code when read: pass ``trust_pickle=True`` for a
+    file you trust like a program you run (refused with a ``ConfigError`` otherwise).
     """
 
     def __init__(self, pkl: str | Path, data_root: str | Path,
                  cameras: Sequence[str] = NUSCENES_CAMERAS, num_sweeps: int = 0,
-                 skip_missing_images: bool = False) -> None:
+                 skip_missing_images: bool = False, *, trust_pickle: bool = False) -> None:
         self.pkl = Path(pkl)
         self.data_root = Path(data_root)
         self.camera_names = tuple(cameras)
         self.num_sweeps = int(num_sweeps)
         self.skip_missing_images = skip_missing_images
-        info = load_pickle(self.pkl, "mmdet3d info file")
+        info = load_pickle(self.pkl, "mmdet3d info file", trust_pickle=trust_pickle)
         if isinstance(info, dict) and "data_list" in info:
             self._infos = list(info["data_list"])
             meta = info.get("metainfo", {}) or {}
@@ -243,6 +246,11 @@ class NuScenesInfoReader(DatasetReader):
 
     def __len__(self) -> int:
         return len(self._infos)
+
+    @property
+    def infos(self) -> list[dict[str, Any]]:
+        """The info file's entries (``data_list``), in reader order."""
+        return self._infos
 
     def _scene(self, info: dict[str, Any]) -> str:
         # v1.1 infos have no scene token; the log name (file-name prefix) groups a scene's frames.

@@ -34,11 +34,13 @@ class ScanNetReader(DatasetReader):
     already have the axis alignment applied (True for ``*_vert_all.npy``). Frames whose pose is
     not finite (ScanNet marks lost tracking with -inf) are skipped. ``max_images`` caps the number
     of frames per scene (0 = all). Points are in the scene's world frame: ``lidar_to_world`` = I.
+    The info pickle runs code when read: it needs ``trust_pickle=True`` (a file you trust like a
+    program you run).
     """
 
     def __init__(self, root: str | Path, posed_images: str | Path | None = None,
                  scenes: Sequence[str] | None = None, points_aligned: bool = True,
-                 max_images: int = 0) -> None:
+                 max_images: int = 0, *, trust_pickle: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ScanNet folder not found: {self.root}")
@@ -54,7 +56,7 @@ class ScanNetReader(DatasetReader):
         self._views: dict[str, dict[str, Any]] = {}
         self._image_root: Path | None = None
         if posed_images is not None:
-            infos = load_pickle(Path(posed_images), "ScanNet info file")
+            infos = load_pickle(Path(posed_images), "ScanNet info file", trust_pickle=trust_pickle)
             if isinstance(infos, dict) and "data_list" in infos:
                 infos = infos["data_list"]
             if not isinstance(infos, list):

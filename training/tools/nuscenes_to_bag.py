@@ -3,7 +3,11 @@
 
 Two input layouts, both through ``clip2scene_core.datasets``:
   devkit JSON   --root DATAROOT [--version-dir v1.0-mini]     (NuScenesReader)
-  mmdet3d info  --info infos.pkl --root DATAROOT              (NuScenesInfoReader)
+  mmdet3d info  --info infos.pkl --trust-pickle --root DATAROOT  (NuScenesInfoReader)
+
+An mmdet3d info file is a Python pickle: reading it runs whatever code the file names, like
+running a script. ``--trust-pickle`` says that you trust the file (you made it, or it comes
+from a source you would run code from); without it ``--info`` is refused.
 
 Per key frame: LIDAR_TOP (+ ``--sweeps`` earlier sweeps when their files exist) as
 PointCloud2 (x, y, z, intensity, ring), the cameras as CompressedImage (JPEG; ``--raw-images``
@@ -32,13 +36,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.tools import SampleBagWriter, converter_parser, writer_options  # noqa: E402
+from training.tools import (SampleBagWriter, converter_parser, run_cli, safe_child,  # noqa: E402
+                            writer_options)
 
 from clip2scene_core.datasets import (NUSCENES_CAMERAS, NuScenesInfoReader,  # noqa: E402
                                       NuScenesReader)
-from clip2scene_core.datasets.base import load_pickle  # noqa: E402
 from clip2scene_core.datasets.sample import Sample  # noqa: E402
 from clip2scene_core.errors import Clip2SceneError  # noqa: E402
+from clip2scene_ros.bag import BagError, check_output_bag  # noqa: E402
 from clip2scene_core.geometry.transforms import (invert_transform,  # noqa: E402
                                                  transform_from_quat_wxyz)
 
@@ -183,15 +188,19 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
 
 
 def _safe_name(scene: str) -> str:
-    """A scene name or token as a folder name."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in scene) or "scene"
+    """A scene name or token as one folder name (never ``.``/``..``, a separator or empty)."""
+    return safe_child(Path("."), scene, default="scene").name
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = converter_parser(__doc__)
     p.add_argument("--root", required=True, type=Path, help="nuScenes data root (samples/, sweeps/, tables)")
     p.add_argument("--version-dir", default="v1.0-mini", help="folder of the JSON tables under --root")
-    p.add_argument("--info", type=Path, help="mmdet3d info .pkl instead of the JSON tables")
+    p.add_argument("--info", type=Path, help="mmdet3d info .pkl instead of the JSON tables "
+                   "(a pickle runs code when read: needs --trust-pickle)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read the --info pickle, trusting it like a program you run: "
+                        "unpickling executes the code a crafted file names")
     p.add_argument("--cameras", nargs="*", default=list(NUSCENES_CAMERAS),
                    help="camera channels to include (none: LiDAR only)")
     p.add_argument("--sweeps", type=int, default=0, help="earlier LIDAR_TOP sweeps per key frame, when present")
@@ -207,19 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (Clip2SceneError, FileNotFoundError) as exc:
-        print(f"nuscenes_to_bag: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("nuscenes_to_bag", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.info:
         reader = NuScenesInfoReader(args.info, args.root, cameras=args.cameras, num_sweeps=args.sweeps,
-                                    skip_missing_images=True)
-        info = load_pickle(args.info)
-        infos = info["data_list"] if isinstance(info, dict) else info
+                                    skip_missing_images=True, trust_pickle=args.trust_pickle)
+        infos = reader.infos   # the entries the reader already read (the file is read once)
 
         def plan(i: int, sample: Sample) -> tuple[dict, list]:
             return _plan_info(sample, infos[i], args.cameras)
@@ -244,12 +248,19 @@ def _run(args: argparse.Namespace) -> int:
         if scene in wanted:
             groups.setdefault(scene, []).append(i)
     if args.split_scenes:
-        jobs = [(args.out / _safe_name(scene), idx) for scene, idx in groups.items()]
+        # scene names come from the data: each becomes one folder inside --out, never more
+        if args.out.exists() and not args.out.is_dir():
+            raise BagError(f"--out {args.out} is a file, not a folder for the scene bags")
+        taken: set[str] = set()
+        jobs = [(safe_child(args.out, scene, taken, default="scene"), idx)
+                for scene, idx in groups.items()]
     else:
         if len(groups) > 1:
             print(f"warning: {len(groups)} scenes {sorted(groups)} go into one bag; use "
                   "--split-scenes for one bag per scene", file=sys.stderr)
         jobs = [(args.out, [i for idx in groups.values() for i in idx])]
+    for out, _ in jobs:   # every output is checked before anything is written or replaced
+        check_output_bag(out, args.overwrite)
     for out, idx in jobs:
         summary = convert(reader, out, plan, max_samples=args.max_samples, indices=idx,
                           **writer_options(args))

@@ -30,10 +30,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.tools import SampleBagWriter, converter_parser, writer_options  # noqa: E402
+from training.tools import SampleBagWriter, converter_parser, run_cli, writer_options  # noqa: E402
 
 from clip2scene_core.datasets import SemanticKittiReader  # noqa: E402
-from clip2scene_core.errors import Clip2SceneError  # noqa: E402
+from clip2scene_ros.bag import check_output_bag  # noqa: E402
 from clip2scene_core.geometry.transforms import invert_transform  # noqa: E402
 
 NS = 1_000_000_000
@@ -102,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = convert(args.root, args.sequence, args.out, max_frames=args.max_frames,
-                          start_time=args.start_time, period=args.period, **writer_options(args))
-    except (Clip2SceneError, FileNotFoundError) as exc:
-        print(f"semantickitti_to_bag: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("semantickitti_to_bag", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_output_bag(args.out, args.overwrite)   # before reading anything; nothing deleted yet
+    summary = convert(args.root, args.sequence, args.out, max_frames=args.max_frames,
+                      start_time=args.start_time, period=args.period, **writer_options(args))
     print(json.dumps(summary))
     return 0 if summary["frames"] else 1
 
