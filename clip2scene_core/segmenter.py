@@ -71,7 +71,13 @@ class Segmenter:
         self.head = self.config.head or str(self.extra.get("head", "local"))
         if self.head not in ("local", "global", "both"):
             raise ConfigError(f"unknown head '{self.head}' (local, global or both)")
-        self.logit_scale = float(self.config.logit_scale or self.extra.get("logit_scale", 100.0))
+        scale = self.config.logit_scale if self.config.logit_scale is not None else self.extra.get("logit_scale")
+        try:
+            self.logit_scale = float(100.0 if scale is None else scale)
+        except (TypeError, ValueError):
+            raise ConfigError(f"logit_scale {scale!r} is not a number") from None
+        if not np.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ConfigError(f"logit_scale {scale!r} must be a finite positive number")
         self._lock = threading.Lock()
         self._vocab = None  # (Vocabulary, (K, D) tensor on device), swapped atomically
         self._folded: tuple[torch.Tensor, object] | None = None   # (emb it was folded for, clf)
@@ -83,6 +89,10 @@ class Segmenter:
                         config: SegmenterConfig | None = None) -> "Segmenter":
         from .models import build_model
 
+        from .checkpoint import check_finite
+
+        check_finite({"weights": ckpt.state_dict, "text_embeddings": ckpt.text_embeddings}, "checkpoint",
+                     "refused")
         model = build_model(ckpt.model_config)
         try:
             model.load_state_dict(ckpt.state_dict, strict=True)
@@ -154,6 +164,10 @@ class Segmenter:
         if emb.shape[1] != self.model_config.embed_dim:
             raise ConfigError(f"text embeddings have dimension {emb.shape[1]}, the network outputs "
                               f"{self.model_config.embed_dim}")
+        bad = ~torch.isfinite(emb).all(1)
+        if bool(bad.any()):
+            names = [vocabulary.class_names[i] for i in torch.nonzero(bad).flatten().tolist()[:5]]
+            raise ConfigError(f"text embeddings of {names} contain NaN or inf")
         emb = F.normalize(emb, dim=1).to(self.device)
         with self._lock:
             self._vocab = (vocabulary, emb)

@@ -89,11 +89,13 @@ def run(cfg: EvaluateConfig, *, reader=None, write_checkpoint: bool = True) -> d
     from clip2scene_core.render import render_confusion_matrix
     from clip2scene_core.segmenter import Segmenter, SegmenterConfig
     from training.engine import common
+    from training.engine.config import validate_config
     from training.engine.data import Subset, build_reader
 
+    validate_config(cfg)
     pieces = common.read_any_checkpoint(cfg.checkpoint)
     net = build_model(pieces["model_config"])
-    net.load_state_dict(pieces["net_state"], strict=True)
+    common.load_net_state(net, pieces["net_state"], cfg.checkpoint)
     vocab, emb = pieces["vocabulary"], pieces["text_embeddings"]
     if cfg.vocabulary is not None:      # open vocabulary: re-embed new class names
         vocab = common.build_vocabulary(cfg.vocabulary)

@@ -62,7 +62,11 @@ def evaluate_model(model: torch.nn.Module, dataset, voxel_cfg, num_classes: int,
     return cm
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=None) -> dict[str, Any]:
+def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=None,
+        force_resume: bool = False) -> dict[str, Any]:
+    """Fine-tune (see the module doc). Settings are validated first; ``resume`` refuses a state
+    of another model or other settings (``force_resume``: accept other settings); a NaN/inf
+    loss stops training with ``NonFiniteLossError``, leaving the last good state in place."""
     from clip2scene_core.models import build_model
     from training.engine import common
     from training.engine.data import Subset, TrainDataset, build_reader, sample_scenes, scene_subsample
@@ -70,8 +74,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import FinetuneObjective, SegmentationModel
     from training.engine.state import seed_everything
+    from training.engine.config import validate_config
     from training.evaluate import label_map
 
+    validate_config(cfg)
+    resume = resume or force_resume
     with common.training_run(cfg.run) as dist:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         # --- the network and its classifier
@@ -79,7 +86,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
             pieces = common.read_any_checkpoint(cfg.pretrained)
             model_cfg = pieces["model_config"]
             net = build_model(model_cfg)
-            net.load_state_dict(pieces["net_state"], strict=True)
+            common.load_net_state(net, pieces["net_state"], cfg.pretrained)
             vocab, text_emb, clip_model = pieces["vocabulary"], pieces["text_embeddings"], pieces["clip_model"]
         else:
             model_cfg = cfg.model
@@ -132,11 +139,12 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
 
         payload = lambda: {"config": to_dict(cfg), "model_config": to_dict(model_cfg),  # noqa: E731
                            "vocabulary": vocab.to_dict(), "text_embeddings": text_emb, "clip_model": clip_model,
-                           "label_fraction": cfg.label_fraction, "scenes_used": scenes_used}
+                           "label_fraction": cfg.label_fraction, "scenes_used": scenes_used,
+                           "num_samples": len(dataset)}
         trainer = Trainer(model=ddp_model, optimizer=optimizer, step_fn=FinetuneObjective(cfg.loss),
                           dataset=dataset, voxel_cfg=model_cfg.voxel, optim=cfg.optim, run=cfg.run, dist=dist,
                           kind="finetune", payload=payload, epoch_end=epoch_end)
-        if resume and trainer.resume():
+        if resume and trainer.resume(force=force_resume):
             log.info("resumed at epoch %d step %d", trainer.epoch, trainer.step_in_epoch)
         result = trainer.fit()
         deploy = Path(cfg.run.out_dir) / "model.pt"
@@ -155,12 +163,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/last.pt (refused when the model or settings differ; "
+                        "starts from scratch, with a warning, when there is no state yet)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="--resume even though optimiser/loss/data settings changed (same model only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
         cfg = load_training_config(FinetuneConfig, args.config, args.overrides)
-        out = run(cfg, resume=args.resume)
+        out = run(cfg, resume=args.resume, force_resume=args.force_resume)
     except (Clip2SceneError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

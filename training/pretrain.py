@@ -34,7 +34,11 @@ log = logging.getLogger("clip2scene.pretrain")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML file (config/pretrain_*.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/last.pt (refused when the model or settings differ; "
+                        "starts from scratch, with a warning, when there is no state yet)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="--resume even though optimiser/loss/data settings changed (same model only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.epochs=2 (repeatable)")
     p.add_argument("--teacher-only", action="store_true", help="fill the teacher cache and stop")
@@ -42,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *, reader=None,
-        teacher=None) -> dict:
+        teacher=None, force_resume: bool = False) -> dict:
     """Teacher pass + training; returns what a caller needs to evaluate.
 
     ``reader`` (a ``Sequence[Sample]``) and ``teacher`` (any ``clip2scene_core.teachers.Teacher2D``:
@@ -65,8 +69,11 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import PretrainObjective
     from training.engine.state import seed_everything
+    from training.engine.config import validate_config
     from training.engine.teacher_cache import TeacherAgreement
 
+    validate_config(cfg)
+    resume = resume or force_resume
     with common.training_run(cfg.run) as dist:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         vocab = common.build_vocabulary(cfg.vocabulary)
@@ -110,11 +117,12 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
         dataset = TrainDataset(reader, cfg.data, cfg.run.seed, cfg.model.embed_dim, cache, text_emb, augment=True)
         payload = lambda: {"config": to_dict(cfg), "model_config": to_dict(cfg.model),  # noqa: E731
                            "vocabulary": vocab.to_dict(), "text_embeddings": text_emb,
-                           "clip_model": clip_model}
+                           "clip_model": clip_model, "teacher_id": cache.teacher_id,
+                           "num_samples": len(dataset)}
         trainer = Trainer(model=model, optimizer=optimizer, step_fn=PretrainObjective(cfg.loss, text_emb),
                           dataset=dataset, voxel_cfg=cfg.model.voxel, optim=cfg.optim, run=cfg.run, dist=dist,
                           kind="pretrain", payload=payload)
-        if resume and trainer.resume():
+        if resume and trainer.resume(force=force_resume):
             log.info("resumed at epoch %d step %d", trainer.epoch, trainer.step_in_epoch)
         result = trainer.fit()
         deploy = Path(cfg.run.out_dir) / "model.pt"
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_training_config(PretrainConfig, args.config, args.overrides)
-        out = run(cfg, resume=args.resume, teacher_only=args.teacher_only)
+        out = run(cfg, resume=args.resume, teacher_only=args.teacher_only, force_resume=args.force_resume)
     except (Clip2SceneError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

@@ -6,7 +6,9 @@ with more synonyms is not pulled towards any one of them, and with one name this
 CLIP's prompt ensembling. Encoding 85 templates × ~60 names takes a while on a CPU, so
 results are cached on disk keyed by a hash of (model name, weights identity, vocabulary
 content, templates). Embedding files carry that provenance so a segmenter can swap the
-vocabulary without loading CLIP, and so a file made for another model is refused.
+vocabulary without loading CLIP, and so a file made for another model is refused. Files
+carry a SHA-256 of their content (``checkpoint.DIGEST_KEY``), verified on load; NaN or inf
+embeddings are refused.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_torch_save
+from ..checkpoint import seal, verify_digest
 from ..errors import CheckpointError, ConfigError
 from .prompts import DEFAULT_TEMPLATES, build_prompts, resolve_templates
 from .vocabulary import Vocabulary
@@ -80,6 +83,8 @@ class TextEmbeddings:
     model_name: str
     weights_id: str = ""
     templates: tuple[str, ...] = ()
+    #: False when read from a file written before content digests existed (not checked)
+    verified: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         e = self.embeddings
@@ -89,7 +94,10 @@ class TextEmbeddings:
                 f"text embeddings must be ({len(self.vocabulary)}, D) for vocabulary "
                 f"'{self.vocabulary.name}', got {shape}")
         if not torch.isfinite(e).all():
-            raise CheckpointError("text embeddings contain NaN or inf")
+            rows = torch.nonzero(~torch.isfinite(e).all(1)).flatten().tolist()
+            names = [self.vocabulary.class_names[i] for i in rows[:5]]
+            raise CheckpointError(f"text embeddings contain NaN or inf (class(es) {names}"
+                                  f"{' and more' if len(rows) > 5 else ''})")
         self.templates = tuple(self.templates)
 
     @property
@@ -127,7 +135,7 @@ def save_text_embeddings(path: str | Path, vocab: Vocabulary, emb: Tensor, model
     """Write an embedding file atomically (temporary file + rename)."""
     te = TextEmbeddings(vocab, emb.detach().float().cpu(), model_name, weights_id,
                         tuple(resolve_templates(templates)) if templates else ())
-    atomic_torch_save(te.to_dict(), path)
+    atomic_torch_save(seal(te.to_dict()), path)
 
 
 def load_text_embeddings(path: str | Path, model_name: str | None = None,
@@ -146,11 +154,12 @@ def load_text_embeddings(path: str | Path, model_name: str | None = None,
     if data.get("version") != EMBEDDINGS_VERSION:
         raise CheckpointError(f"{path}: unsupported version {data.get('version')!r} "
                               f"(this code reads version {EMBEDDINGS_VERSION})")
+    verified = verify_digest(data, path, "text embedding file")
     try:
         te = TextEmbeddings(Vocabulary.from_dict(data["vocabulary"]), data["embeddings"],
                             str(data["model_name"]), str(data.get("weights_id", "")),
-                            tuple(data.get("templates", ())))
-    except (KeyError, ConfigError) as exc:
+                            tuple(data.get("templates", ())), verified=verified)
+    except (KeyError, TypeError, AttributeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: damaged text embedding file ({exc})") from exc
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
@@ -194,6 +203,12 @@ class TextEmbeddingBank:
             try:
                 te = load_text_embeddings(path, self.model_name, vocab, self.weights_id)
                 if te.templates == templates:
+                    if not te.verified:         # an older cache file: rewrite it with a digest
+                        try:
+                            save_text_embeddings(path, vocab, te.embeddings, self.model_name,
+                                                 self.weights_id, templates)
+                        except OSError as exc:
+                            log.warning("could not rewrite text embedding cache %s: %s", path, exc)
                     return te.embeddings
                 log.warning("cache file %s has other templates; recomputing", path)
             except CheckpointError as exc:

@@ -19,7 +19,7 @@ from clip2scene_core.errors import CheckpointError, ConfigError
 from .config import RunConfig, TeacherConfig, VocabConfig
 from .data import Subset
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from .state import STATE_FORMAT, determinism_state, load_state, restore_determinism
+from .state import STATE_FORMAT, check_state, determinism_state, restore_determinism
 from .teacher_cache import TeacherAgreement, TeacherCache, open_cache, teacher_identity
 
 log = logging.getLogger("clip2scene.training")
@@ -122,23 +122,35 @@ def read_any_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
     if isinstance(raw, dict) and raw.get("format") == STATE_FORMAT:
-        st = load_state(path)
-        model_state = st["model"]
-        emb = st["text_embeddings"]
-        if st.get("kind") == "finetune":
-            net_state = {k[4:]: v for k, v in model_state.items() if k.startswith("net.")}
-            if "text" in model_state:
-                emb = model_state["text"]
-        else:
-            net_state = model_state
-        return {"model_config": from_dict(ModelConfig, st["model_config"], "model_config"),
-                "net_state": net_state, "vocabulary": Vocabulary.from_dict(st["vocabulary"]),
-                "text_embeddings": F.normalize(emb.float(), dim=1), "clip_model": st.get("clip_model", ""),
-                "kind": st.get("kind"), "extra": {"epoch": st.get("epoch"), "history": st.get("history", [])}}
+        st = check_state(raw, path)            # digest, version, finite weights
+        try:
+            model_state = st["model"]
+            emb = st["text_embeddings"]
+            if st.get("kind") == "finetune":
+                net_state = {k[4:]: v for k, v in model_state.items() if k.startswith("net.")}
+                if "text" in model_state:
+                    emb = model_state["text"]
+            else:
+                net_state = model_state
+            return {"model_config": from_dict(ModelConfig, st["model_config"], "model_config"),
+                    "net_state": net_state, "vocabulary": Vocabulary.from_dict(st["vocabulary"]),
+                    "text_embeddings": F.normalize(emb.float(), dim=1), "clip_model": st.get("clip_model", ""),
+                    "kind": st.get("kind"), "extra": {"epoch": st.get("epoch"), "history": st.get("history", [])}}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: training state lacks or garbles {exc}") from exc
     ck = load_checkpoint(path)
     return {"model_config": ck.model_config, "net_state": ck.state_dict, "vocabulary": ck.vocabulary,
             "text_embeddings": ck.text_embeddings, "clip_model": ck.clip_model,
             "kind": ck.extra.get("kind", "deployable"), "extra": dict(ck.extra)}
+
+
+def load_net_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``net.load_state_dict(state)``; a CheckpointError naming ``path`` when it does not fit."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: the saved weights do not fit its model config: {first}") from exc
 
 
 def write_deployable(path: str | Path, model_config, net_state: dict[str, torch.Tensor], vocabulary,

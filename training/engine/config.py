@@ -5,11 +5,15 @@ Defaults are the paper's pre-training recipe (SGD lr 0.1, momentum 0.9, cosine, 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from clip2scene_core.config import from_dict, load_yaml
+from clip2scene_core.errors import ConfigError
 from clip2scene_core.losses import ScrConfig, SelfTrainingConfig, SsrConfig
 from clip2scene_core.models import ModelConfig
 
@@ -81,7 +85,6 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.steps is not None and int(self.steps) < 1:
-            from clip2scene_core.errors import ConfigError
             raise ConfigError(f"optim.steps must be >= 1 (or null for epochs), got {self.steps}")
 
 
@@ -159,19 +162,136 @@ class EvaluateConfig:
     device: str = "auto"
 
 
-def load_training_config(cls: type, path: str | Path, overrides: list[str] | None = None):
-    """YAML file → ``cls``; ``overrides`` like ``optim.epochs=2`` are applied first (YAML values)."""
+# ----------------------------------------------------------------------------- value checks
+def _number(path: str, value: Any, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, what: str = "") -> None:
+    """ConfigError naming ``path`` unless ``value`` is a finite number in the given range."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{path}: {value!r} is not a finite number")
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise ConfigError(f"{path}: {value!r} is out of range (must be {rng}{what})")
+
+
+def _check_optim(o: OptimConfig, p: str) -> None:
+    _number(f"{p}.lr", o.lr, low=0.0, low_open=True)
+    _number(f"{p}.momentum", o.momentum, low=0.0, high=1.0, high_open=True)
+    _number(f"{p}.dampening", o.dampening, low=0.0, high=1.0)
+    _number(f"{p}.weight_decay", o.weight_decay, low=0.0)
+    _number(f"{p}.epochs", o.epochs, low=1)
+    _number(f"{p}.steps", o.steps, low=1, what=", or null to train optim.epochs epochs")
+    _number(f"{p}.batch_size", o.batch_size, low=1)
+    _number(f"{p}.warmup_epochs", o.warmup_epochs, low=0)
+    _number(f"{p}.grad_clip", o.grad_clip, low=0.0, low_open=True, what=", or null for no clipping")
+    if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
+        raise ConfigError(f"{p}.nesterov: Nesterov momentum needs {p}.momentum > 0 and {p}.dampening = 0 "
+                          f"(got momentum {o.momentum}, dampening {o.dampening})")
+
+
+def _check_run(r: RunConfig, p: str) -> None:
+    _number(f"{p}.num_workers", r.num_workers, low=0)
+    _number(f"{p}.log_every", r.log_every, low=0)
+    _number(f"{p}.num_threads", r.num_threads, low=1)
+    _number(f"{p}.save_every_steps", r.save_every_steps, low=1, what=", or null")
+
+
+def _check_data(d: DataConfig, p: str) -> None:
+    _number(f"{p}.max_points", d.max_points, low=1, what=", or null for all points")
+    _number(f"{p}.max_sweep_points", d.max_sweep_points, low=1, what=", or null for all points")
+    if d.indices is not None and any(i < 0 for i in d.indices):
+        raise ConfigError(f"{p}.indices: sample indices must be >= 0, got {d.indices}")
+    a = d.augment
+    _number(f"{p}.augment.rotate_z", a.rotate_z, low=0.0, high=180.0)
+    _number(f"{p}.augment.scale[0]", a.scale[0], low=0.0, low_open=True)
+    _number(f"{p}.augment.scale[1]", a.scale[1], low=a.scale[0])
+
+
+def _check_teacher(t: TeacherConfig, p: str) -> None:
+    _number(f"{p}.min_depth", t.min_depth, low=0.0)
+
+
+def _check_finetune_loss(lc: FinetuneLossConfig, p: str) -> None:
+    _number(f"{p}.lovasz_weight", lc.lovasz_weight, low=0.0)
+    _number(f"{p}.logit_scale", lc.logit_scale, low=0.0, low_open=True)
+
+
+_CHECKS = {OptimConfig: _check_optim, RunConfig: _check_run, DataConfig: _check_data,
+           TeacherConfig: _check_teacher, FinetuneLossConfig: _check_finetune_loss}
+
+
+def _walk(obj: Any, path: str) -> None:
+    """Every float of a config dataclass must be finite; known sections get range checks."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        check = _CHECKS.get(type(obj))
+        if check is not None:
+            check(obj, path)
+        for f in dataclasses.fields(obj):
+            _walk(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk(v, f"{path}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{path}: {obj!r} is not a finite number")
+
+
+def validate_config(cfg: Any) -> Any:
+    """Refuse non-finite and out-of-range training settings (learning rate, momentum, weight
+    decay, epochs / steps, batch size, ...) with one ``ConfigError`` naming the key. Called by
+    ``load_training_config`` and at the start of every ``run``; returns ``cfg``."""
+    _walk(cfg, "")
+    if isinstance(cfg, FinetuneConfig):
+        _number("label_fraction", cfg.label_fraction, low=0.0, high=1.0, low_open=True)
+    return cfg
+
+
+#: ``1e-3``: YAML 1.1 reads it as a string (it wants ``1.0e-3``); on the command line it is a number
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _parse_override_value(item: str, raw: str) -> Any:
     import yaml
 
-    data = load_yaml(path)
+    try:
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(raw, Loader=yaml.SafeLoader)):
+            raise ConfigError(f"--set {item}: YAML aliases (*name) are not supported in --set values")
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+            return float(value)
+        return value
+    except yaml.YAMLError as exc:
+        msg = " ".join(str(exc).split())
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({msg[:200]})") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values are YAML) to the loaded config mapping."""
     for item in overrides or []:
-        key, _, raw = item.partition("=")
-        if not key or not _:
-            from clip2scene_core.errors import ConfigError
-            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, eq, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not key.strip() or any(not part for part in parts):
+            raise ConfigError(f"--set '{item}' must look like section.key=value")
         node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return from_dict(cls, data)
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[:i + 1])
+                raise ConfigError(f"--set {item}: {where} is a value ({child!r}), not a section with keys; "
+                                  f"use --set {where}=VALUE")
+            node = child
+        node[parts[-1]] = _parse_override_value(item, raw)
+    return data
+
+
+def load_training_config(cls: type, path: str | Path, overrides: list[str] | None = None):
+    """YAML file → ``cls``; ``overrides`` like ``optim.epochs=2`` are applied first (YAML values).
+    Every problem (file, key, type, non-finite or out-of-range value) is one ConfigError."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return validate_config(from_dict(cls, data))

@@ -10,10 +10,16 @@
 * training length in epochs (``optim.epochs``) or in optimizer steps (``optim.steps``): with
   steps, the learning rate follows the step, data passes are not checkpoint boundaries, and
   history / TensorBoard / the state file are written every ``run.save_every_steps`` steps
-  (default: a tenth of the run) and at the end.
+  (default: a tenth of the run) and at the end;
+* a non-finite loss or gradient stops training with ``NonFiniteLossError`` before the
+  optimizer step (the last state file stays as it was, so ``--resume`` works); a state with
+  non-finite weights is never written;
+* ``resume`` refuses a state of another model, and one written with other settings
+  (``RESUME_IGNORED`` lists what may differ) unless forced, naming the keys that differ.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,12 +28,67 @@ from typing import Any, Callable
 
 import torch
 
+from clip2scene_core.checkpoint import nonfinite_tensors, payload_digest
+from clip2scene_core.errors import CheckpointError, Clip2SceneError
+
 from .config import OptimConfig, RunConfig
 from .data import Batch, TrainDataset, epoch_batches, make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, unwrap
 from .state import StopFlag, capture_rng, load_state, restore_rng, save_state
 
 StepFn = Callable[[torch.nn.Module, Batch, int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+log = logging.getLogger("clip2scene.training")
+
+#: config keys that may differ on ``--resume``: where files go, devices, speed, logging.
+#: Everything else (optimiser, losses, data, vocabulary, teacher, seed, length) must match.
+RESUME_IGNORED = ("run.out_dir", "run.device", "run.num_workers", "run.log_every", "run.progress",
+                  "run.num_threads", "run.save_every_steps", "run.save_rank_states", "run.deterministic",
+                  "teacher.device", "teacher.cache_dir", "teacher.text_cache_dir", "pretrained", "model")
+
+
+class NonFiniteLossError(Clip2SceneError, FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; no step was taken, nothing was saved."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: bool = True) -> list[str]:
+    """``key: saved → current`` for every dotted key whose value differs."""
+    a, b = _flatten(saved), _flatten(current)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if ignore and _ignored(k):
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+            out.append(f"{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """Total 2-norm of the gradients (read only: the step is unchanged, bit for bit)."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = getattr(torch.nn.utils, "get_total_norm", None)
+    if total is not None:
+        return total(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
+
+
+def _tensor_digest(t: Any) -> str | None:
+    return payload_digest({"t": t}) if isinstance(t, torch.Tensor) else None
 
 
 class Interrupted(SystemExit):
@@ -91,6 +152,7 @@ class Trainer:
         self._sums: dict[str, float] = {}     # running sums of the current epoch (kept across resume)
         self._count = 0
         self._writer = None
+        self._saved_at: str | None = None     # what the state file on disk holds
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -106,27 +168,92 @@ class Trainer:
             **self.payload(),
         }
 
+    def _position(self) -> str:
+        if self.step_in_epoch == 0:
+            return f"the end of epoch {self.epoch} (global step {self.global_step})" if self.epoch else "the start"
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
+
     def save(self, path: Path | None = None) -> None:
+        # weights are replicated: every rank sees the same answer (no rank waits at the barrier)
+        bad = nonfinite_tensors(unwrap(self.model).state_dict())
+        if bad:
+            kept = f"{self.state_path} still holds {self._saved_at}" if self._saved_at else "no state was saved yet"
+            raise NonFiniteLossError(
+                f"{self.kind}: the weights became non-finite ({', '.join(bad[:3])}) at {self._position()}; "
+                f"not saved, {kept}")
         if self.dist.is_main:
             save_state(path or self.state_path, self.state_dict())
+        if path is None or Path(path) == self.state_path:
+            self._saved_at = f"the state at {self._position()}"
         barrier(self.dist)
 
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path`` (default ``out_dir/last.pt``); False when there is nothing to resume."""
+    def _check_compatible(self, st: dict[str, Any], path: Path, force: bool) -> bool:
+        """Refuse a state of another model; one of other settings unless ``force``. True when
+        settings differ (forced)."""
+        current = self.payload()
+        if "model_config" in st and "model_config" in current:
+            diff = config_differences(st["model_config"], current["model_config"], ignore=False)
+            if diff:
+                raise CheckpointError(
+                    f"{path}: cannot resume: the state is of a different model ({'; '.join(diff)}); "
+                    f"use the model settings it was trained with, or a new run.out_dir")
+        diff: list[str] = []
+        if isinstance(st.get("config"), dict) and "config" in current:
+            diff = config_differences(st["config"], current["config"])
+        elif "config" in current:
+            log.warning("%s holds no config (older file): the settings cannot be compared", path)
+        for key, what in (("teacher_id", "teacher identity"), ("num_samples", "number of training samples")):
+            if key in st and key in current and st[key] != current[key]:
+                diff.append(f"{what}: {st[key]!r} -> {current[key]!r}")
+        if "text_embeddings" in st and "text_embeddings" in current:
+            a, b = _tensor_digest(st["text_embeddings"]), _tensor_digest(current["text_embeddings"])
+            if a is not None and b is not None and a != b:
+                diff.append("text embeddings (teacher / vocabulary): differ")
+        if not diff:
+            return False
+        shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+        if not force:
+            raise CheckpointError(
+                f"{path}: --resume refused: the state was written with other settings ({shown}). "
+                f"Resume with the settings it was written with, train into a new run.out_dir, or pass "
+                f"--force-resume to continue this state with the new settings (not reproducible)")
+        log.warning("--force-resume: continuing %s with changed settings: %s", path, shown)
+        return True
+
+    def resume(self, path: str | Path | None = None, force: bool = False) -> bool:
+        """Load ``path`` (default ``out_dir/last.pt``); False (and a warning) when there is
+        nothing to resume: training then starts from scratch.
+
+        CheckpointError when the state is of another kind or model, or (unless ``force``) was
+        written with other settings than the current ones (``RESUME_IGNORED`` may differ)."""
         path = Path(path) if path else self.state_path
         if not path.is_file():
+            if self.dist.is_main:
+                log.warning("--resume: there is no training state at %s; starting from scratch", path)
             return False
         st = load_state(path, map_location="cpu")   # RNG states must stay CPU tensors
         if st.get("kind") != self.kind:
-            from clip2scene_core.errors import CheckpointError
             raise CheckpointError(f"{path} is a '{st.get('kind')}' state, not '{self.kind}'")
-        unwrap(self.model).load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        changed = self._check_compatible(st, path, force)
+        try:
+            unwrap(self.model).load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: the saved weights do not fit this model: {first}") from exc
+        for g in self.optimizer.param_groups:      # the configured hyper-parameters (lr: per step)
+            g.update(momentum=self.optim.momentum, dampening=self.optim.dampening,
+                     weight_decay=self.optim.weight_decay, nesterov=self.optim.nesterov)
         self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
         self.history = list(st.get("history", []))
         self._sums = dict(st.get("epoch_sums", {}))
         self._count = int(st.get("epoch_count", 0))
-        if self.step_in_epoch and st.get("world_size", 1) != self.dist.world_size:
+        if self.step_in_epoch and changed:
+            # the batches of this epoch may depend on what changed: restart it from its start
+            log.warning("--force-resume with changed settings: epoch %d restarts", self.epoch + 1)
+            self.step_in_epoch = 0
+            self._sums, self._count = {}, 0
+        elif self.step_in_epoch and st.get("world_size", 1) != self.dist.world_size:
             # batches of an epoch depend on the world size: restart this epoch from its start
             import logging
             logging.getLogger("clip2scene.training").warning(
@@ -135,6 +262,7 @@ class Trainer:
             self.step_in_epoch = 0
             self._sums, self._count = {}, 0
         restore_rng(st["rng"], {"self_training": self.generator})
+        self._saved_at = f"the state at {self._position()}"
         return True
 
     # ------------------------------------------------------------------ logging
@@ -158,7 +286,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        else:
+            norm = _grad_norm(self.model)
+        bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm.detach())).float().reshape(1)
+        if self.dist.distributed:           # every rank stops together (the others would wait)
+            bad = all_reduce_sum(bad, self.dist)
+        if float(bad) > 0:
+            self._diverged(loss, norm, epoch)
         self.optimizer.step()
         self.step_in_epoch += 1
         self.global_step += 1
@@ -169,6 +304,19 @@ class Trainer:
         if self.dist.is_main and self.run.log_every and self.global_step % self.run.log_every == 0:
             self._log({**scalars, "lr": lr}, self.global_step, "train")
         return scalars
+
+    def _diverged(self, loss: torch.Tensor, norm: torch.Tensor, epoch: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        what = f"loss {float(loss.detach()):g}, gradient norm {float(norm.detach()):g}"
+        if self.dist.distributed:
+            what += " on at least one process"
+        kept = (f"{self.state_path} still holds {self._saved_at} for --resume" if self._saved_at
+                else "no state was saved yet")
+        raise NonFiniteLossError(
+            f"{self.kind}: non-finite loss or gradient ({what}) at epoch {epoch + 1}, step "
+            f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); training stopped before "
+            f"this step, nothing was written: {kept}. Lower optim.lr, set optim.grad_clip, or check "
+            f"the data and the teacher targets")
 
     def _check_stop(self, stop: StopFlag) -> None:
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.dist.device)

@@ -3,7 +3,8 @@
 The state file (``<out_dir>/last.pt``) is training's own (optimizer, epoch, step, RNG); the
 deployable checkpoint for the node is written separately with
 ``clip2scene_core.checkpoint.save_checkpoint``. Everything is stored as tensors and plain
-Python so it loads with ``weights_only=True``.
+Python so it loads with ``weights_only=True``. A state file carries a SHA-256 of its content
+(verified on load, as checkpoints do) and is never written with non-finite weights.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from clip2scene_core.atomic import atomic_torch_save
+from clip2scene_core.checkpoint import check_finite, seal, verify_digest
 from clip2scene_core.errors import CheckpointError
 
 STATE_FORMAT = "clip2scene-train-state"
@@ -74,12 +76,27 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
             g.set_state(state["generators"][k])
 
 
+def _finite_parts(data: dict[str, Any]) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    if isinstance(data.get("model"), dict):
+        parts["model"] = data["model"]
+    if isinstance(data.get("text_embeddings"), torch.Tensor):
+        parts["text_embeddings"] = data["text_embeddings"]
+    return parts
+
+
 def save_state(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomic write (temporary file + fsync + rename): a kill never leaves a torn state file."""
-    atomic_torch_save({"format": STATE_FORMAT, "version": STATE_VERSION, **payload}, path)
+    """Atomic write (temporary file + fsync + rename): a kill never leaves a torn state file.
+
+    Refused (CheckpointError, the file on disk unchanged) when the weights hold NaN or inf."""
+    check_finite(_finite_parts(payload), str(path),
+                 "not written: the previous state file (if any) is kept for --resume")
+    atomic_torch_save(seal({"format": STATE_FORMAT, "version": STATE_VERSION, **payload}), path)
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training state: CheckpointError naming the file when it is missing, corrupt,
+    modified after it was written (content digest), of another version or non-finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state not found: {path}")
@@ -87,10 +104,17 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"training state {path} is corrupt: {exc}") from exc
+    return check_state(data, path)
+
+
+def check_state(data: Any, path: str | Path) -> dict[str, Any]:
+    """Validate what ``torch.load`` returned for the state file ``path``."""
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a clip2scene training state")
     if data.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: training state version {data.get('version')} is not supported")
+    verify_digest(data, path, "training state")
+    check_finite(_finite_parts(data), str(path), "refused")
     return data
 
 

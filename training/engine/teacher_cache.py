@@ -9,11 +9,21 @@ preprocessing and the projected points. Changing any of them gives a new key, so
 can never be read and two different teachers never share an entry; a pass that was
 interrupted simply resumes (entries that exist are skipped). Each entry is written atomically
 (temporary file + rename), so a killed pass leaves no half-written file.
+
+Each entry also stores a SHA-256 of its key and arrays (``digest``). The teacher pass reads
+every existing entry back and checks it (readable, digest, shapes, finite features, point
+indices in range); a damaged one is logged with its path, deleted and recomputed. A damage
+found later, while training reads the entry, is an error naming the file, which is deleted
+so that the next run's teacher pass recomputes it. Entries written before digests existed
+are accepted after the same structural checks (the zip's CRC still covers their bytes).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -29,6 +39,13 @@ from clip2scene_core.teachers import Teacher2D, TeacherView, as_teacher, identit
 from clip2scene_core.types import CameraFrame, Scan
 
 CACHE_VERSION = 2
+
+log = logging.getLogger("clip2scene.training")
+
+
+class CorruptEntryError(Clip2SceneError):
+    """A teacher-cache entry cannot be read or fails its checks (it is deleted)."""
+
 
 #: the teacher interface (``clip2scene_core.teachers.Teacher2D``), under its former name
 PixelTeacher = Teacher2D
@@ -82,6 +99,15 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
+def entry_digest(key: str, arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of an entry's key and its arrays (names, dtypes, shapes, bytes)."""
+    parts: list[bytes | str] = [f"entry-v{CACHE_VERSION}", key]
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        parts += [name, f"{a.dtype.str}|{a.shape}", a.tobytes()]
+    return _digest(*parts)
+
+
 def text_digest(text_emb: torch.Tensor) -> str:
     return _digest(np.ascontiguousarray(text_emb.detach().float().cpu().numpy()).tobytes())[:16]
 
@@ -131,7 +157,62 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ writing
     def _write(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        arrays = {**arrays, "digest": np.array(entry_digest(key, arrays))}
         atomic_write(self.path(key), lambda fh: np.savez(fh, **arrays))
+
+    def read_entry(self, key: str, num_points: int | None = None) -> dict[str, np.ndarray]:
+        """The arrays of entry ``key``, checked; ``CorruptEntryError`` naming the file when it
+        cannot be read, its digest does not match, or its content is inconsistent (non-finite
+        features, point indices outside ``[0, num_points)``)."""
+        path = self.path(key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
+                NotImplementedError, MemoryError, TypeError, AttributeError, IndexError) as exc:
+            # zipfile / numpy raise any of these on a damaged file (e.g. an unknown compression
+            # method after one flipped header byte)
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (unreadable: "
+                                    f"{type(exc).__name__}: {exc})") from exc
+        stored = arrays.pop("digest", None)
+        need = ("point_index", "features", "labels", "text_digest")
+        missing = [n for n in need if n not in arrays]
+        if missing:
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (lacks {missing})")
+        if stored is not None and str(stored) != entry_digest(key, arrays):
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (content digest mismatch)")
+        idx, f, lab = arrays["point_index"], arrays["features"], arrays["labels"]
+        if (idx.ndim != 1 or f.ndim != 2 or lab.shape != idx.shape or f.shape[0] != idx.shape[0]
+                or idx.dtype.kind not in "iu" or lab.dtype.kind not in "iu" or f.dtype.kind != "f"):
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (inconsistent arrays "
+                                    f"{idx.shape}, {f.shape}, {lab.shape})")
+        if not np.isfinite(f).all():
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (non-finite features)")
+        if idx.size and (idx.min() < 0 or (num_points is not None and idx.max() >= num_points)):
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (point indices outside the scan)")
+        return arrays
+
+    def discard(self, key: str, reason: Exception | str) -> None:
+        """Log and delete a damaged entry (the next teacher pass recomputes it)."""
+        path = self.path(key)
+        log.warning("%s; discarded: the teacher pass recomputes it", reason)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete %s: %s", path, exc)
+
+    def _entry_ok(self, key: str, num_points: int) -> bool:
+        """True when entry ``key`` exists and passes ``read_entry``; a damaged one is discarded."""
+        if not self.path(key).is_file():
+            return False
+        try:
+            self.read_entry(key, num_points)
+        except CorruptEntryError as exc:
+            self.discard(key, exc)
+            return False
+        return True
 
     @torch.no_grad()
     def compute_entry(self, teacher: Teacher2D, scan: Scan, camera: CameraFrame,
@@ -180,25 +261,32 @@ class TeacherCache:
     def build(self, samples: Iterable[Any], teacher: Teacher2D, text_emb: torch.Tensor,
               total: int | None = None, progress: bool = True, desc: str = "teacher pass",
               agreement: "TeacherAgreement | None" = None) -> dict[str, int]:
-        """Fill the cache for every camera of every sample; existing entries are skipped.
+        """Fill the cache for every camera of every sample; existing entries are checked
+        (``read_entry``) and skipped, damaged ones discarded and recomputed (counted in
+        ``computed`` and, when there were any, in ``repaired``).
         With ``agreement``, the pseudo-labels are scored against the samples' 3D labels."""
         from tqdm import tqdm
 
         stats = {"computed": 0, "cached": 0, "samples": 0}
+        repaired = 0
         bar = tqdm(samples, total=total, desc=desc, disable=not progress, unit="sample")
         for sample in bar:
             views = [view_of(sample, c) for c in sample.cameras]
             keys = self.keys_for(sample.scan, sample.cameras, views)
             for cam, key, view in zip(sample.cameras, keys, views):
-                if self.path(key).is_file():
+                existed = self.path(key).is_file()
+                if self._entry_ok(key, len(sample.scan)):
                     stats["cached"] += 1
                     continue
                 self.compute_entry(teacher, sample.scan, cam, text_emb, key, view)
                 stats["computed"] += 1
+                repaired += int(existed)
             if agreement is not None and getattr(sample, "labels", None) is not None:
                 agreement.update(sample, self._load_keys(sample.scan, keys, text_emb))
             stats["samples"] += 1
             bar.set_postfix(computed=stats["computed"], cached=stats["cached"])
+        if repaired:
+            stats["repaired"] = repaired
         return stats
 
     # ------------------------------------------------------------------ reading
@@ -230,13 +318,15 @@ class TeacherCache:
                     f"teacher cache entry {path} is missing: run the teacher pass first "
                     f"(training/pretrain.py runs it before training)")
             try:
-                with np.load(path) as z:
-                    idx = z["point_index"].astype(np.int64)
-                    f = z["features"]
-                    lab = z["labels"].astype(np.int64)
-                    stored_digest = str(z["text_digest"])
-            except (OSError, ValueError, KeyError) as exc:
-                raise Clip2SceneError(f"teacher cache entry {path} is corrupt: {exc}") from exc
+                z = self.read_entry(key, n)
+            except CorruptEntryError as exc:
+                self.discard(key, exc)
+                raise CorruptEntryError(f"{exc}; it was deleted: run pre-training again, its teacher pass "
+                                        f"recomputes the entry") from exc
+            idx = z["point_index"].astype(np.int64)
+            f = z["features"]
+            lab = z["labels"].astype(np.int64)
+            stored_digest = str(z["text_digest"])
             if digest is not None and stored_digest != digest and len(idx):
                 emb = F.normalize(text_emb.float().cpu(), dim=1)
                 lab = (torch.from_numpy(f.astype(np.float32)) @ emb.t()).argmax(1).numpy()
