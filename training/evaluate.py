@@ -33,16 +33,28 @@ from training.engine.config import EvaluateConfig, load_training_config  # noqa:
 log = logging.getLogger("clip2scene.evaluate")
 
 
+def class_key(name: str) -> str:
+    """Spelling-free key of a class name: ``other-vehicle``, ``other_vehicle`` and ``Other
+    Vehicle`` are one class, and so are ScanNet's ``otherfurniture`` and the vocabulary's
+    ``other furniture``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def label_map(dataset_names: Sequence[str] | None, vocab_names: Sequence[str]) -> np.ndarray | None:
-    """Dataset label index → vocabulary index (-1 where the vocabulary lacks the class);
-    None when both lists are the same."""
+    """Dataset label index → vocabulary index; None when both lists are the same.
+
+    Every dataset class must be in the vocabulary (matched by `class_key`): an unmatched class
+    is a ConfigError naming it, never a silent -1 that drops its points from evaluation and
+    fine-tuning.
+    """
     if dataset_names is None or list(dataset_names) == list(vocab_names):
         return None
-    norm = lambda s: s.lower().replace("_", " ").replace("-", " ").strip()  # noqa: E731
-    where = {norm(n): i for i, n in enumerate(vocab_names)}
-    m = np.array([where.get(norm(n), -1) for n in dataset_names], dtype=np.int64)
-    if not np.any(m >= 0):
-        raise ConfigError(f"no class of the dataset {list(dataset_names)} is in the vocabulary {list(vocab_names)}")
+    where = {class_key(n): i for i, n in enumerate(vocab_names)}
+    m = np.array([where.get(class_key(n), -1) for n in dataset_names], dtype=np.int64)
+    missing = [n for n, i in zip(dataset_names, m) if i < 0]
+    if missing:
+        raise ConfigError(f"dataset class(es) {missing} are not in the vocabulary "
+                          f"{list(vocab_names)}: every labelled class needs a vocabulary class")
     return m
 
 
