@@ -130,15 +130,109 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping document is a ConfigError."""
+#: largest YAML file read (config and params files are a few KB)
+MAX_YAML_BYTES = 1 << 20
+#: values (scalars + collections) a YAML document may hold once every alias is expanded: a
+#: 1 KB "billion laughs" file otherwise expands to 10^9 values when walked or printed
+MAX_YAML_VALUES = 200_000
+#: nesting depth of a YAML document (configs nest 3-4 levels)
+MAX_YAML_DEPTH = 64
+
+
+def _clip(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def _check_yaml_graph(root: Any, p: Path, aliases: bool) -> None:
+    """Refuse (before any Python object is built) alias loops, aliases when not allowed, and
+    documents that expand beyond `MAX_YAML_VALUES` values or `MAX_YAML_DEPTH` levels.
+
+    Iterative and linear in the composed nodes: an alias is the same node object met twice.
+    """
+    visiting = object()
+    state: dict[int, Any] = {}          # node id → visiting, or its expanded value count
+    depth = 0
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = ()
+        key = id(node)
+        if done:
+            depth -= 1
+            state[key] = 1 + sum(state[id(c)] for c in children)
+            if state[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"{p}: the YAML holds more than {MAX_YAML_VALUES} values once "
+                                  "its aliases are expanded; refused")
+            continue
+        seen = state.get(key)
+        if seen is visiting:
+            raise ConfigError(f"{p}: a YAML alias refers to a node that contains it (a loop)")
+        if seen is not None:
+            if not aliases:
+                raise ConfigError(f"{p}: YAML aliases (*name) are not supported here, as in "
+                                  "ROS 2's own params parser: write the values out")
+            continue
+        depth += 1
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{p}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        state[key] = visiting
+        stack.append((node, True))
+        stack.extend((c, False) for c in reversed(children))
+
+
+def load_yaml(path: str | Path, *, aliases: bool = True,
+              max_bytes: int = MAX_YAML_BYTES) -> dict[str, Any]:
+    """Read a YAML mapping; every problem with the file is one ``ConfigError``.
+
+    Missing, not a regular file, over ``max_bytes``, not UTF-8 text (a binary file), invalid
+    YAML, a document expanding to more than `MAX_YAML_VALUES` values or nested deeper than
+    `MAX_YAML_DEPTH` (an alias bomb), or a top level that is not a mapping. ``aliases=False``
+    refuses ``*alias`` references altogether (ROS 2 params files: rcl's parser refuses them).
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a regular file")
     try:
-        data = yaml.safe_load(p.read_text())
+        with open(p, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{p}: larger than {max_bytes} bytes; not a config file?")
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") \
+            else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a YAML text file (not UTF-8 at byte {exc.start}; "
+                          "a binary file?)") from None
+    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        loader = loader_cls(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{p}: invalid YAML: {_clip(str(exc))}") from None
+    try:
+        try:
+            node = loader.get_single_node()
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"{p}: invalid YAML: {_clip(str(exc))}") from None
+        if node is not None:
+            _check_yaml_graph(node, p, aliases)
+        try:
+            data = loader.construct_document(node) if node is not None else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {_clip(str(exc))}") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. ValueError of a date like 2020-99-99
+            raise ConfigError(f"{p}: invalid YAML value: {type(exc).__name__}: "
+                              f"{_clip(str(exc))}") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):

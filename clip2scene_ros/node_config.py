@@ -8,6 +8,7 @@ wrong type or an impossible value is a `ConfigError` naming the parameter, at st
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ class NodeConfig:
                 raise ConfigError(f"device: '{value}' is not one of auto, cpu, cuda, cuda:<index>")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"{f.name}: '{value}' is not one of {list(meta['choices'])}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: {value} is not a finite number")
             if meta.get("min") is not None and value < meta["min"]:
                 raise ConfigError(f"{f.name}: {value} is below the minimum {meta['min']}")
             if meta.get("max") is not None and value > meta["max"]:
@@ -305,9 +308,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _clip(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
 def load_params_file(path: str | Path, node_name: str = NODE_NAME) -> NodeConfig:
-    """Read a ROS 2 params file (``<node>: ros__parameters: ...``, also ``/**``) into NodeConfig."""
-    data = load_yaml(path)
+    """Read a ROS 2 params file (``<node>: ros__parameters: ...``, also ``/**``) into NodeConfig.
+
+    Every problem is one ``ConfigError`` naming the file: missing, larger than
+    ``clip2scene_core.config.MAX_YAML_BYTES``, binary, invalid YAML, YAML aliases (refused like
+    ROS 2's own params parser does), wrong structure or parameters; messages quoting a value
+    are cut to a few hundred characters.
+    """
+    data = load_yaml(path, aliases=False)
     merged: dict[str, Any] = {}
     found = False
     for key in ("/**", "**", node_name, f"/{node_name}", f"/**/{node_name}"):
@@ -316,9 +329,18 @@ def load_params_file(path: str | Path, node_name: str = NODE_NAME) -> NodeConfig
             continue
         if not isinstance(section, dict) or "ros__parameters" not in section:
             raise ConfigError(f"{path}: '{key}' must hold a 'ros__parameters' mapping")
-        merged.update(flatten(section["ros__parameters"] or {}))
+        params = section["ros__parameters"] or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: '{key}.ros__parameters' must be a mapping, got "
+                              f"{type(params).__name__}")
+        merged.update(flatten(params))
         found = True
     if not found:
+        keys = sorted(str(k) for k in data)
+        listed = ", ".join(_clip(k, 60) for k in keys[:20]) + (" ..." if len(keys) > 20 else "")
         raise ConfigError(f"{path}: no '{node_name}: ros__parameters:' section "
-                          f"(top-level keys: {sorted(data)})")
-    return from_parameters(merged)
+                          f"(top-level keys: [{listed}])")
+    try:
+        return from_parameters(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {_clip(str(exc))}") from None

@@ -17,6 +17,8 @@ Failure policy (a bad input never stops the stream):
   `output_layout="input"` they stay in place, unlabelled (see `PipelineConfig`);
 - a camera with an undecodable image, a CameraInfo that does not fit, or no transform →
   that camera is skipped with a reason; the frame goes on with the others (or LiDAR-only).
+  Whatever one camera raises (even a bug: reason "unexpected <type>: ...") skips only that
+  camera; skips are counted per camera and reason (`PipelineStats`, the replay report).
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ from .sync import PAIR_LATEST, CameraInfoPairing, FrameSync, LatestSlot, SyncCon
 #: resolved (motion-compensated or not) is `clip2scene_ros.tf.TfResolver`'s one policy,
 #: used by the node and the replay tool alike.
 TfLookup = Callable[[str, int, str, int], np.ndarray]
+
+#: longest skip reason kept (a reason quoting a huge frame id or value stays readable)
+MAX_REASON_CHARS = 500
+
+
+def _clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 @dataclass
@@ -303,20 +312,28 @@ class SegmentationPipeline:
                      tf_lookup: TfLookup | None = None) -> CameraFrame:
         """Decode, check and calibrate one camera; any problem raises a Clip2SceneError.
 
-        ``lidar_to_camera`` maps points of the sweep (LiDAR frame at ``lidar_stamp_ns``) into
-        the camera at its image stamp: both stamps go to the lookup, which decides.
+        The CameraInfo is checked first and the image's size (from its header, for a
+        CompressedImage) against it before anything is decoded, so a bad message costs no
+        decoding. ``lidar_to_camera`` maps points of the sweep (LiDAR frame at
+        ``lidar_stamp_ns``) into the camera at its image stamp: both stamps go to the lookup,
+        which decides.
         """
         img_msg = cam.image
-        if hasattr(img_msg, "format") and not hasattr(img_msg, "encoding"):
-            rgb = compressed_to_rgb(img_msg)
-        else:
-            rgb = image_to_rgb(img_msg)
         model = camera_info_to_model(cam.info)
+        size = (model.width, model.height)
+        if hasattr(img_msg, "format") and not hasattr(img_msg, "encoding"):
+            rgb = compressed_to_rgb(img_msg, expected_size=size)
+        else:
+            rgb = image_to_rgb(img_msg, expected_size=size)
         h, w = rgb.shape[:2]
-        if (w, h) != (model.width, model.height):
+        if (w, h) != size:   # the converters checked it already; kept as the contract
             raise CalibrationError(
                 f"image is {w}x{h} but CameraInfo says {model.width}x{model.height}")
-        frame = cam.optical_frame or str(img_msg.header.frame_id) or str(cam.info.header.frame_id)
+        try:
+            frame = cam.optical_frame or str(img_msg.header.frame_id) \
+                or str(cam.info.header.frame_id)
+        except AttributeError as exc:
+            raise CalibrationError(f"camera message without a header: {exc}") from None
         if not frame:
             raise CalibrationError("neither the image nor its CameraInfo names a frame_id")
         lookup = tf_lookup or self.tf_lookup
@@ -355,10 +372,17 @@ class SegmentationPipeline:
             out.warnings.append(f"cloud has no {list(stats.missing_fields)} field: using zeros")
         frames: list[CameraFrame] = []
         for cam in cameras:
+            # a camera that fails is skipped and counted (cameras_skipped → diagnostics and the
+            # replay report); the sweep goes on with the others or LiDAR-only
             try:
                 frames.append(self.camera_frame(cam, frame_id, stamp, tf_lookup))
-            except (Clip2SceneError, LookupError, ValueError) as exc:
-                out.cameras_skipped[cam.name] = f"{type(exc).__name__}: {exc}"
+            except Clip2SceneError as exc:
+                out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
+                    f"{type(exc).__name__}: {_clip(str(exc))}"
+            except Exception as exc:  # noqa: BLE001 - a bug or a lookup's own error type
+                # must not drop the LiDAR output either; named so that it stands out
+                out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
+                    f"unexpected {type(exc).__name__}: {_clip(str(exc))}"
         out.cameras_used = [f.name for f in frames]
         out.timings["convert"] = time.perf_counter() - t0
 

@@ -43,7 +43,7 @@ __all__ = [
     "read_points", "read_points_numpy", "read_points_list", "create_cloud", "create_cloud_xyz32",
     "CloudStats", "cloud_to_scan", "kept_field_values", "scan_to_cloud", "labeled_cloud",
     "labeled_cloud_like", "LABEL_DATATYPE", "OUTPUT_FIELDS", "pack_rgb", "unpack_rgb",
-    "make_point_field",
+    "make_point_field", "MAX_FIELDS", "MAX_POINT_STEP", "MAX_POINTS", "MAX_CLOUD_BYTES",
 ]
 
 # sensor_msgs/PointField datatype constants.
@@ -70,6 +70,24 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "intensity": ("intensity", "i", "remission", "reflectance"),
 }
 
+# Limits on what one message may ask of the converters, checked before anything is allocated
+# (a PointField ``count`` or ``point_step`` is a free uint32: 4e9 would otherwise hang or crash
+# the reader). Chosen far above real sensors: a 128-beam LiDAR with 2048 columns publishes
+# 262,144 points of ~20 fields (~80 bytes each, 21 MB); descriptor clouds (PCL's VFH: 308
+# floats) stay below the field limit too.
+#: numpy fields of one point after ``count`` expansion (a field with count 3 is 3 fields)
+MAX_FIELDS = 1024
+#: bytes of one point (1024 FLOAT64 fields are 8 KiB)
+MAX_POINT_STEP = 65536
+#: height × width of one cloud (128× a 128 × 2048 sweep; dense maps of tens of millions too)
+MAX_POINTS = 1 << 25
+#: bytes of ``data`` in one cloud
+MAX_CLOUD_BYTES = 1 << 31
+# Clouds this module writes may append the OUTPUT_FIELDS (label, score, rgb) to an input that
+# is at the limits; ``dtype_from_fields`` leaves them this much room.
+_OUTPUT_ROOM_FIELDS = len(OUTPUT_FIELDS)
+_OUTPUT_ROOM_BYTES = 8 * len(OUTPUT_FIELDS) + 8
+
 
 # --------------------------------------------------------------------------------------------
 # dtype ⇄ fields
@@ -78,9 +96,16 @@ def _field_tuple(f: Any, index: int) -> tuple[str, int, int, int]:
     """(name, offset, datatype, count) of a PointField of any backend."""
     try:
         name, offset, datatype, count = f.name, int(f.offset), int(f.datatype), int(f.count)
-    except AttributeError as exc:
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidPointCloudError(f"field #{index} is not a PointField: {exc}") from None
+    if not isinstance(name, str):
+        raise InvalidPointCloudError(f"field #{index} has a name of type {type(name).__name__}")
     return (name or f"{DUMMY_FIELD_PREFIX}_{index}"), offset, datatype, count
+
+
+def _short(name: str, limit: int = 64) -> str:
+    """A field name for an error message (a name can be megabytes long)."""
+    return name if len(name) <= limit else name[:limit] + f"... ({len(name)} chars)"
 
 
 def dtype_from_fields(fields: Iterable[Any], point_step: int | None = None,
@@ -88,26 +113,54 @@ def dtype_from_fields(fields: Iterable[Any], point_step: int | None = None,
     """Structured dtype of one point: one numpy field per PointField element.
 
     A field with ``count > 1`` becomes ``name_0 .. name_{count-1}``. ``point_step`` sets the
-    item size (trailing padding); byte order follows ``is_bigendian``.
+    item size (trailing padding); byte order follows ``is_bigendian``. At most `MAX_FIELDS`
+    numpy fields and `MAX_POINT_STEP` bytes (plus room for the label / score / rgb fields this
+    module appends); the counts are checked before any field is built.
     """
+    return _dtype_from_fields(fields, point_step, is_bigendian,
+                              MAX_FIELDS + _OUTPUT_ROOM_FIELDS, MAX_POINT_STEP + _OUTPUT_ROOM_BYTES)
+
+
+def _dtype_from_fields(fields: Iterable[Any], point_step: int | None, is_bigendian: bool,
+                       max_fields: int, max_step: int) -> np.dtype:
     order = ">" if is_bigendian else "<"
-    names: list[str] = []
-    formats: list[np.dtype] = []
-    offsets: list[int] = []
-    for i, f in enumerate(fields):
-        name, offset, datatype, count = _field_tuple(f, i)
+    if not isinstance(fields, (list, tuple)):
+        fields = list(fields)
+    if len(fields) > max_fields:
+        raise InvalidPointCloudError(
+            f"cloud has {len(fields)} PointFields; at most {max_fields} are accepted")
+    if point_step is not None and not 0 <= int(point_step) <= max_step:
+        raise InvalidPointCloudError(
+            f"point_step {point_step} is outside [0, {max_step}] bytes")
+    specs = [_field_tuple(f, i) for i, f in enumerate(fields)]
+    total = 0
+    for name, offset, datatype, count in specs:
         if datatype not in DATATYPES:
             raise InvalidPointCloudError(
-                f"field '{name}' has unknown datatype {datatype} (PointField uses 1..8)")
+                f"field '{_short(name)}' has unknown datatype {datatype} (PointField uses 1..8)")
         if count < 1:
-            raise InvalidPointCloudError(f"field '{name}' has count {count}; must be >= 1")
+            raise InvalidPointCloudError(f"field '{_short(name)}' has count {count}; must be >= 1")
         if offset < 0:
-            raise InvalidPointCloudError(f"field '{name}' has negative offset {offset}")
+            raise InvalidPointCloudError(f"field '{_short(name)}' has negative offset {offset}")
+        if offset + count * DATATYPES[datatype].itemsize > max_step:
+            raise InvalidPointCloudError(
+                f"field '{_short(name)}' (offset {offset}, count {count}) ends beyond "
+                f"{max_step} bytes, the largest point accepted")
+        total += count
+        if total > max_fields:
+            raise InvalidPointCloudError(
+                f"the PointFields hold more than {max_fields} values per point (counts expanded)")
+    names: list[str] = []
+    seen: set[str] = set()
+    formats: list[np.dtype] = []
+    offsets: list[int] = []
+    for name, offset, datatype, count in specs:
         base = DATATYPES[datatype].newbyteorder(order)
         for k in range(count):
             sub = f"{name}_{k}" if count > 1 else name
-            if sub in names:
-                raise InvalidPointCloudError(f"duplicate field name '{sub}'")
+            if sub in seen:
+                raise InvalidPointCloudError(f"duplicate field name '{_short(sub)}'")
+            seen.add(sub)
             names.append(sub)
             formats.append(base)
             offsets.append(offset + k * base.itemsize)
@@ -115,11 +168,15 @@ def dtype_from_fields(fields: Iterable[Any], point_step: int | None = None,
     if point_step is None:
         point_step = end
     elif end > int(point_step):
-        bad = [n for n, o, f in zip(names, offsets, formats) if o + f.itemsize > point_step]
+        bad = [_short(n) for n, o, f in zip(names, offsets, formats) if o + f.itemsize > point_step]
         raise InvalidPointCloudError(
-            f"field(s) {bad} extend beyond point_step {point_step} (need {end} bytes)")
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                     "itemsize": int(point_step)})
+            f"field(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} extend beyond point_step "
+            f"{point_step} (need {end} bytes)")
+    try:
+        return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                         "itemsize": int(point_step)})
+    except (TypeError, ValueError) as exc:   # e.g. a name numpy refuses
+        raise InvalidPointCloudError(f"cannot lay out the PointFields: {exc}") from None
 
 
 def make_point_field(name: str, offset: int, datatype: int, count: int = 1,
@@ -154,17 +211,39 @@ def fields_from_dtype(dtype: np.dtype, msg_factory: MessageFactory | None = None
 # reading
 # --------------------------------------------------------------------------------------------
 def _cloud_view(cloud: Any) -> np.ndarray:
-    """(height, width) structured view of ``cloud.data`` in the message's byte order."""
+    """(height, width) structured view of ``cloud.data`` in the message's byte order.
+
+    Every size the message states is checked against the limits (`MAX_FIELDS`,
+    `MAX_POINT_STEP`, `MAX_POINTS`, `MAX_CLOUD_BYTES`) and against the data length before
+    anything is allocated; a malformed message raises ``InvalidPointCloudError``.
+    """
     try:
         height, width = int(cloud.height), int(cloud.width)
         point_step, row_step = int(cloud.point_step), int(cloud.row_step)
         big = bool(cloud.is_bigendian)
-        fields = list(cloud.fields)
+        fields = cloud.fields
+        fields = fields if isinstance(fields, (list, tuple)) else list(fields)
         raw = cloud.data
-    except AttributeError as exc:
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidPointCloudError(f"not a PointCloud2 message: {exc}") from None
-    dt = dtype_from_fields(fields, point_step, big)
-    data = data_as_array(raw)
+    for name, value in (("height", height), ("width", width), ("point_step", point_step),
+                        ("row_step", row_step)):
+        if value < 0:
+            raise InvalidPointCloudError(f"{name} is {value}; must not be negative")
+    if point_step > MAX_POINT_STEP:
+        raise InvalidPointCloudError(
+            f"point_step {point_step} exceeds {MAX_POINT_STEP} bytes, the largest point accepted")
+    if height * width > MAX_POINTS:
+        raise InvalidPointCloudError(
+            f"{height}x{width} = {height * width} points exceeds the limit of {MAX_POINTS}")
+    dt = _dtype_from_fields(fields, point_step, big, MAX_FIELDS, MAX_POINT_STEP)
+    try:
+        data = data_as_array(raw)
+    except (TypeError, ValueError, OverflowError, BufferError) as exc:
+        raise InvalidPointCloudError(f"cloud data is not a byte array: {exc}") from None
+    if data.size > MAX_CLOUD_BYTES:
+        raise InvalidPointCloudError(
+            f"cloud data has {data.size} bytes; at most {MAX_CLOUD_BYTES} are accepted")
     if height * width == 0:
         return np.zeros((height, width), dtype=dt)
     if point_step <= 0:
@@ -394,8 +473,10 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
     n = flat.size
     extras = [f for f in dict.fromkeys(fields) if f not in ("x", "y", "z")]
     cols = np.empty((n, 3 + len(extras)), dtype=np.float32)
-    for i, c in enumerate("xyz"):
-        cols[:, i] = flat[c]
+    # FLOAT64 values beyond float32's range become inf (then dropped / zeroed and counted)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, c in enumerate("xyz"):
+            cols[:, i] = flat[c]
     missing: list[str] = []
     sources: dict[str, str] = {}
     dtypes: dict[str, np.dtype] = {}
@@ -409,15 +490,19 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
         else:
             sources[name] = src
             dtypes[name] = flat.dtype.fields[src][0].newbyteorder("=")
-            cols[:, 3 + j] = flat[src]
+            with np.errstate(over="ignore", invalid="ignore"):
+                cols[:, 3 + j] = flat[src]
     kept = np.all(np.isfinite(cols[:, :3]), axis=1)
     pts = cols[kept]
     bad = ~np.isfinite(pts[:, 3:])
     n_feat_bad = int(bad.sum())
     if n_feat_bad:
         pts[:, 3:][bad] = 0.0
-    scan = Scan(pts, ("x", "y", "z", *extras), frame_id=str(msg.header.frame_id),
-                stamp_ns=header_stamp_ns(msg))
+    try:
+        frame_id, stamp_ns = str(msg.header.frame_id), header_stamp_ns(msg)
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidPointCloudError(f"cloud has no usable header: {exc}") from None
+    scan = Scan(pts, ("x", "y", "z", *extras), frame_id=frame_id, stamp_ns=stamp_ns)
     stats = CloudStats(n_points=n, n_kept=int(kept.sum()), n_nonfinite=int(n - kept.sum()),
                        n_feature_nonfinite=n_feat_bad, missing_fields=tuple(missing),
                        field_sources=sources, organized=int(msg.height) > 1, kept=kept,

@@ -30,32 +30,69 @@ from .msgs import MessageFactory, default_factory, make_header, stamp_to_ns
 
 __all__ = ["transform_to_matrix", "matrix_to_transform", "TransformBuffer", "DEFAULT_CACHE_NS",
            "TfBackend", "Tf2Backend", "TfResolver", "AUTO_FIXED_FRAME", "AUTO_FIXED_FRAME_CANDIDATES",
-           "NO_FIXED_FRAME", "ListenerBuffer"]
+           "NO_FIXED_FRAME", "ListenerBuffer", "QUATERNION_NORMALIZATION_TOLERANCE"]
 
 DEFAULT_CACHE_NS = 10_000_000_000  # tf2's default cache time: 10 s
-_QUAT_NORM_TOL = 1e-3              # tf2 rejects quaternions that are not (nearly) unit length
+#: tf2's rule, used by every path here (TransformBuffer / ListenerBuffer.add,
+#: transform_to_matrix): BufferCore::setTransform accepts a rotation when
+#: |w² + x² + y² + z² − 1| < 10e-3 (its QUATERNION_NORMALIZATION_TOLERANCE, on the *squared*
+#: norm, i.e. a norm within about ±0.5 %) and refuses NaN; what it stores is the normalised
+#: rotation (tf2::Transform builds its matrix with 2/|q|²). So a quaternion of norm 1.003 is
+#: accepted and normalised, one of norm 1.006 refused, by the node (tf2) and the replay alike.
+QUATERNION_NORMALIZATION_TOLERANCE = 10e-3
+
+
+def _float(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TransformError(f"{what}: {type(value).__name__} is not a number") from None
 
 
 def _quat_wxyz(rotation: Any, what: str) -> np.ndarray:
-    """Unit (w, x, y, z) quaternion of a geometry_msgs/Quaternion; refuses non-unit ones."""
-    q = np.array([rotation.w, rotation.x, rotation.y, rotation.z], dtype=np.float64)
-    n = float(np.linalg.norm(q)) if np.all(np.isfinite(q)) else float("nan")
-    if not abs(n - 1.0) <= _QUAT_NORM_TOL:
-        raise TransformError(f"{what}: rotation quaternion (x,y,z,w)="
-                             f"{[rotation.x, rotation.y, rotation.z, rotation.w]} is not unit length")
-    return q / n
+    """Unit (w, x, y, z) quaternion of a geometry_msgs/Quaternion, by tf2's rule
+    (`QUATERNION_NORMALIZATION_TOLERANCE`): nearly-unit ones are normalised, others refused."""
+    try:
+        q = np.array([_float(getattr(rotation, a), what) for a in "wxyz"], dtype=np.float64)
+    except AttributeError:
+        raise TransformError(f"{what}: rotation is not a geometry_msgs/Quaternion") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        n2 = float(np.dot(q, q))
+    if not abs(n2 - 1.0) < QUATERNION_NORMALIZATION_TOLERANCE:   # NaN / inf fail too
+        w, x, y, z = q.tolist()
+        raise TransformError(f"{what}: rotation quaternion (x,y,z,w)={[x, y, z, w]} is not unit "
+                             f"length (|q|² = {n2:.6g}; tf2 accepts |q|² within "
+                             f"{QUATERNION_NORMALIZATION_TOLERANCE:g} of 1)")
+    return q / np.sqrt(n2)
 
 
 def _translation(t: Any, what: str) -> np.ndarray:
-    v = np.array([t.x, t.y, t.z], dtype=np.float64)
+    try:
+        v = np.array([_float(getattr(t, a), what) for a in "xyz"], dtype=np.float64)
+    except AttributeError:
+        raise TransformError(f"{what}: translation is not a geometry_msgs/Vector3") from None
     if not np.all(np.isfinite(v)):
         raise TransformError(f"{what}: translation is not finite: {v.tolist()}")
     return v
 
 
+def _frame_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TransformError(f"frame id of type {type(value).__name__}, expected a string")
+    return value
+
+
+def _short(frame: str, limit: int = 100) -> str:
+    return frame if len(frame) <= limit else frame[:limit] + f"... ({len(frame)} chars)"
+
+
 def _describe(msg: Any) -> str:
-    if hasattr(msg, "child_frame_id"):
-        return f"transform {msg.header.frame_id!r} -> {msg.child_frame_id!r}"
+    try:
+        if hasattr(msg, "child_frame_id"):
+            return (f"transform {_short(str(msg.header.frame_id))!r} -> "
+                    f"{_short(str(msg.child_frame_id))!r}")
+    except AttributeError:
+        pass
     return "transform"
 
 
@@ -154,22 +191,28 @@ class TransformBuffer:
     def add(self, msg: Any, static: bool = False) -> None:
         """Add one TransformStamped (``static`` for /tf_static)."""
         what = _describe(msg)
-        parent, child = str(msg.header.frame_id).lstrip("/"), str(msg.child_frame_id).lstrip("/")
+        try:
+            parent = _frame_id(msg.header.frame_id).lstrip("/")
+            child = _frame_id(msg.child_frame_id).lstrip("/")
+            stamp = stamp_to_ns(msg.header.stamp)
+            t_msg, r_msg = msg.transform.translation, msg.transform.rotation
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            raise TransformError(f"{what}: not a geometry_msgs/TransformStamped: {exc}") from None
         if not parent or not child:
             raise TransformError(f"{what}: parent and child frame ids must be non-empty")
         if parent == child:
             raise TransformError(f"{what}: a frame cannot be its own parent")
         if child in self._ancestors(parent):
             raise TransformError(f"{what} would make a loop in the TF tree")
-        t = _translation(msg.transform.translation, what)
-        q = _quat_wxyz(msg.transform.rotation, what)
+        t = _translation(t_msg, what)
+        q = _quat_wxyz(r_msg, what)
         edge = self._edges.get(child)
         if edge is None or edge.parent != parent or edge.static != static:
             edge = self._edges[child] = _Edge(parent, static)
         if static:
-            edge.stamps, edge.translations, edge.rotations = [stamp_to_ns(msg.header.stamp)], [t], [q]
+            edge.stamps, edge.translations, edge.rotations = [stamp], [t], [q]
             return
-        edge.insert(stamp_to_ns(msg.header.stamp), t, q)
+        edge.insert(stamp, t, q)
         edge.prune(self.cache_duration_ns)
 
     def add_message(self, tf_message: Any, static: bool = False) -> int:
@@ -255,13 +298,15 @@ class TransformBuffer:
         if not stamp_ns:
             stamp_ns = self.latest_common_stamp(target_frame, source_frame)
         tol = self.tolerance_ns if tolerance_ns is None else int(tolerance_ns)
-        T_common_source = np.eye(4)
-        for f in s_path:  # source → ... → common ancestor
-            T_common_source = self._edges[f].matrix(stamp_ns, tol, f) @ T_common_source
-        T_common_target = np.eye(4)
-        for f in t_path:
-            T_common_target = self._edges[f].matrix(stamp_ns, tol, f) @ T_common_target
-        return invert_transform(T_common_target) @ T_common_source
+        with np.errstate(all="ignore"):   # absurd (finite) translations: checked below
+            T_common_source = np.eye(4)
+            for f in s_path:  # source → ... → common ancestor
+                T_common_source = self._edges[f].matrix(stamp_ns, tol, f) @ T_common_source
+            T_common_target = np.eye(4)
+            for f in t_path:
+                T_common_target = self._edges[f].matrix(stamp_ns, tol, f) @ T_common_target
+            T = invert_transform(T_common_target) @ T_common_source
+        return _finite(T, target_frame, source_frame)
 
     def lookup_full(self, target_frame: str, target_stamp_ns: int | None, source_frame: str,
                     source_stamp_ns: int | None, fixed_frame: str, tolerance_ns: int | None = None
@@ -273,7 +318,9 @@ class TransformBuffer:
         """
         T_fixed_source = self.lookup(fixed_frame, source_frame, source_stamp_ns, tolerance_ns)
         T_fixed_target = self.lookup(fixed_frame, target_frame, target_stamp_ns, tolerance_ns)
-        return invert_transform(T_fixed_target) @ T_fixed_source
+        with np.errstate(all="ignore"):
+            T = invert_transform(T_fixed_target) @ T_fixed_source
+        return _finite(T, target_frame, source_frame)
 
     def can_transform(self, target_frame: str, source_frame: str, stamp_ns: int | None = None,
                       tolerance_ns: int | None = None) -> bool:
@@ -388,8 +435,12 @@ class ListenerBuffer:
 
     def _add(self, msg: Any, static: bool) -> int:
         added = 0
+        try:
+            transforms = list(getattr(msg, "transforms", ()))
+        except TypeError:
+            transforms = [msg]   # not a TFMessage: add() rejects it and it is counted
         with self._cond:
-            for transform in getattr(msg, "transforms", ()):
+            for transform in transforms:
                 try:
                     self.buffer.add(transform, static)
                     added += 1
@@ -484,4 +535,12 @@ def _matrix(T: Any) -> np.ndarray:
     T = np.asarray(T, dtype=np.float64)
     if T.shape != (4, 4):
         raise TransformError(f"a TF lookup returned shape {T.shape}, expected (4, 4)")
+    return _finite(T, "target", "source")
+
+
+def _finite(T: np.ndarray, target: str, source: str) -> np.ndarray:
+    """T itself, or a TransformError when chaining absurd (finite) translations overflowed."""
+    if not np.all(np.isfinite(T)):
+        raise TransformError(f"transform {_short(str(source))!r} -> {_short(str(target))!r} is not "
+                             "finite (translations too large to chain)")
     return T

@@ -329,6 +329,41 @@ def test_params_file_formats(tmp_path):
         load_params_file(p)
 
 
+def test_hostile_params_files_are_one_clear_config_error(tmp_path):
+    """Issue 9: a binary params file gave a traceback; a 1 KB alias bomb in class_names took
+    100 s and 5.9 GB to build its error message. rcl's own params parser refuses YAML aliases
+    ("Will not support aliasing"), so the replay's reader refuses them too."""
+    p = tmp_path / "p.yaml"
+    p.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        load_params_file(p)
+    lines = ["/**:", "  ros__parameters:", '    l0: &l0 ["lol"]']
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    lines.append(f"    class_names: [{', '.join(['*l8'] * 9)}]")
+    p.write_text("\n".join(lines) + "\n")
+    assert p.stat().st_size < 1200
+    with pytest.raises(ConfigError, match="aliases"):
+        load_params_file(p)
+    p.write_text("/**:\n  ros__parameters:\n    a: &a [car]\n    class_names: *a\n")
+    with pytest.raises(ConfigError, match="aliases"):
+        load_params_file(p)
+    p.write_text("/**:\n  ros__parameters: [1, 2]\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_params_file(p)
+    p.write_text("1: x\nfoo: y\n")   # keys of mixed types listed without a TypeError
+    with pytest.raises(ConfigError, match="top-level keys: \\[1, foo\\]"):
+        load_params_file(p)
+
+
+def test_params_file_error_messages_stay_short(tmp_path):
+    p = tmp_path / "p.yaml"
+    names = ", ".join(f"name_{i}" for i in range(20000))
+    p.write_text(f"/**:\n  ros__parameters:\n    class_names: [{names}, name_1]\n")
+    with pytest.raises(ConfigError, match="class_names") as err:
+        load_params_file(p)
+    assert len(str(err.value)) < 800 and str(p) in str(err.value)
+
+
 @pytest.mark.parametrize("params, message", [
     ({"slopp": 0.1}, "unknown parameter"),
     ({"queue_size": "10"}, "queue_size"),
@@ -339,6 +374,8 @@ def test_params_file_formats(tmp_path):
     ({"device": "cuda:"}, "device"),
     ({"qos": "fast"}, "qos"),
     ({"output_qos": "fast"}, "output_qos"),
+    ({"slop": float("nan")}, "finite"),
+    ({"tf_timeout": float("inf")}, "finite"),
     ({"camera_info_policy": "newest"}, "camera_info_policy"),
     ({"output_layout": "organized"}, "output_layout"),
     ({"filter_mode": "both"}, "filter_mode"),

@@ -520,3 +520,44 @@ def test_output_options_from_a_node_config():
         PipelineConfig(output_layout="organized")
     with pytest.raises(ConfigError, match="filter_mode"):
         PipelineConfig(filter_mode="exclude")
+
+
+def test_a_failing_camera_is_skipped_and_counted_and_the_sweep_still_goes_out(pipeline, nusc, factory):
+    """Issue 9: a BMP in a CompressedImage (cv2.error), a PNG claiming 20000x20000, a CameraInfo
+    with NaN in K and a TF lookup failing with a foreign exception type each skip only their
+    camera; the sweep is labelled and the skips are counted in the diagnostics."""
+    import struct
+    import zlib
+
+    from clip2scene_ros.diagnostics import PipelineStats
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bmp = bytearray(cv2.imencode(".bmp", np.zeros((2, 3, 3), np.uint8))[1].tobytes())
+    bmp[18:26] = struct.pack("<ii", 2**31 - 1, 2**31 - 1)
+    huge_png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\x00" * 60001)) + chunk(b"IEND", b""))
+    cams = {name: make_camera(nusc, factory, name) for name in ("front", "bmp", "png", "nan_k")}
+    cams["bmp"].image.data = factory.uint8_data(np.frombuffer(bytes(bmp), np.uint8))
+    cams["png"].image.data = factory.uint8_data(np.frombuffer(huge_png, np.uint8))
+    cams["nan_k"].info.k = factory.float64_array([np.nan] + [0.0] * 8)
+    out = pipeline.process(make_cloud(subsample(nusc.points), factory), list(cams.values()))
+    assert out.status == "ok" and out.cloud is not None and out.cameras_used == ["front"]
+    reasons = out.cameras_skipped
+    assert reasons["bmp"].startswith("ImageDecodeError") and "BMP" in reasons["bmp"]
+    assert reasons["png"].startswith("ImageDecodeError") and "20000x20000" in reasons["png"]
+    assert reasons["nan_k"].startswith("CalibrationError") and "not finite" in reasons["nan_k"]
+
+    def foreign_lookup(*_args):
+        raise RuntimeError("backend exploded")
+
+    out2 = pipeline.process(make_cloud(subsample(nusc.points), factory), [cams["front"]],
+                            tf_lookup=foreign_lookup)
+    assert out2.status == "ok" and out2.cloud is not None and out2.cameras_used == []
+    assert out2.cameras_skipped == {"front": "unexpected RuntimeError: backend exploded"}
+    stats = PipelineStats()
+    stats.on_output(out, 1)
+    stats.on_output(out2, 2)
+    assert stats.camera_skipped[("bmp", "ImageDecodeError")] == 1
+    assert stats.camera_skipped[("front", "unexpected RuntimeError")] == 1

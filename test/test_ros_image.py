@@ -286,7 +286,7 @@ def test_camera_info_binning_and_roi(front_info, data_dir):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(K=np.zeros(9)), "not calibrated: K is all zeros"),
-    (dict(K=np.diag([-1.0, 1.0, 1.0])), "degenerate intrinsics"),
+    (dict(K=np.diag([-1.0, 1.0, 1.0])), "focal lengths fx=-1 fy=1 must be in"),
     (dict(D=np.arange(1.0, 9.0)), "plumb_bob takes 5 coefficients"),
     (dict(model="fisheye62"), "unsupported distortion model 'fisheye62'"),
     (dict(D=(0.1, 0.0, 0.0, 0.0, 0.0), model="none"), "'none' but D"),
@@ -306,3 +306,146 @@ def test_short_distortion_vectors_are_padded(front_info):
     np.testing.assert_array_equal(m.D, [0.1, -0.05, 0.0, 0.0, 0.0])
     m = camera_info_to_model(camera_info(FACTORY, K, D=(), model=""))
     assert m.distortion_model == "none" and m.D.size == 0
+
+
+# ---- bounded work per message (issue 9) -----------------------------------------------------
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from clip2scene_ros.image import (  # noqa: E402
+    MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JPEG_SCANS, compressed_image_size,
+)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_file(width: int, height: int, idat: bytes, depth: int = 8, color: int = 2) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))
+
+
+def compressed(data: bytes, fmt: str = "png"):
+    return FACTORY.new("CompressedImage", header=make_header(1, "cam", FACTORY), format=fmt,
+                       data=FACTORY.uint8_data(np.frombuffer(data, np.uint8)))
+
+
+def test_bmp_in_a_compressed_image_is_an_image_decode_error():
+    """A 70-byte BMP made OpenCV raise cv2.error (replay died; the node dropped the frame)."""
+    ok, buf = cv2.imencode(".bmp", np.zeros((2, 3, 3), np.uint8))
+    bmp = bytearray(buf.tobytes())
+    bmp[18:26] = struct.pack("<ii", 2**31 - 1, 2**31 - 1)     # absurd size: cv2.error before
+    with pytest.raises(ImageDecodeError, match="holds a BMP image: only JPEG and PNG"):
+        compressed_to_rgb(compressed(bytes(bmp)))
+    ok, tif = cv2.imencode(".tiff", np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ImageDecodeError, match="TIFF"):
+        compressed_to_rgb(compressed(tif.tobytes(), "tiff"))
+
+
+@pytest.mark.parametrize("side", [20000, 32000, 2**31 - 1])
+def test_oversized_png_is_refused_from_its_header(side):
+    """A 183-byte corrupt PNG took 4.9 GB / 3.7 s, a 1.17 MB 20000x20000 one 3.1 GB / 43 s:
+    decoded before any size check. The IHDR size is now checked first."""
+    co = zlib.compressobj(9)
+    idat = co.compress(b"\x00" * (1 + 3 * 1000) * 4) + co.flush(zlib.Z_SYNC_FLUSH)
+    with pytest.raises(ImageDecodeError, match=f"{side}x{side}: larger than the limit"):
+        compressed_to_rgb(compressed(png_file(side, side, idat)))
+
+
+def test_image_size_is_checked_against_the_camera_info_before_decoding():
+    png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
+    assert compressed_image_size(png) == ("png", 6, 4)
+    assert compressed_to_rgb(compressed(png), expected_size=(6, 4)).shape == (4, 6, 3)
+    with pytest.raises(CalibrationError, match="image is 6x4 but CameraInfo says 1600x900"):
+        compressed_to_rgb(compressed(png), expected_size=(1600, 900))
+    # a within-limits size that does not match the CameraInfo is never decoded either
+    big = png_file(5000, 5000, b"")
+    with pytest.raises(CalibrationError, match="5000x5000"):
+        compressed_to_rgb(compressed(big), expected_size=(1600, 900))
+
+
+def test_jpeg_size_comes_from_its_sof_header(jpeg_bytes):
+    assert compressed_image_size(jpeg_bytes) == ("jpeg", 1600, 900)
+    data = bytearray(jpeg_bytes)
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = struct.pack(">HH", 60000, 60000)
+    with pytest.raises(ImageDecodeError, match="60000x60000: larger than the limit"):
+        compressed_to_rgb(compressed(bytes(data), "jpeg"))
+    data[i + 5:i + 9] = struct.pack(">HH", 0, 100)
+    with pytest.raises(ImageDecodeError, match="height 0"):
+        compressed_to_rgb(compressed(bytes(data), "jpeg"))
+    with pytest.raises(ImageDecodeError, match="truncated before its frame header"):
+        compressed_to_rgb(compressed(jpeg_bytes[:i], "jpeg"))
+    many_scans = jpeg_bytes[:-2] + b"\xff\xda" * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    with pytest.raises(ImageDecodeError, match="scans"):
+        compressed_to_rgb(compressed(many_scans, "jpeg"))
+
+
+def test_every_real_image_header_gives_the_size_opencv_decodes(data_dir):
+    paths = sorted(data_dir.rglob("*.jpg")) + sorted(data_dir.rglob("*.png"))
+    assert len(paths) >= 5
+    for path in paths[:40]:
+        data = path.read_bytes()
+        kind, w, h = compressed_image_size(data)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        assert (kind, img.shape[1], img.shape[0]) == (path.suffix[1:].replace("jpg", "jpeg"), w, h), path
+
+
+def test_corrupt_png_header_and_data():
+    png = bytearray(cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes())
+    png[17] ^= 0xFF                                   # size changed without fixing the CRC
+    with pytest.raises(ImageDecodeError, match="CRC"):
+        compressed_to_rgb(compressed(bytes(png)))
+    good = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
+    with pytest.raises(ImageDecodeError, match="OpenCV cannot decode"):
+        compressed_to_rgb(compressed(good[:40] + b"\x00" * 20))
+
+
+@pytest.mark.parametrize("height, width, step, match", [
+    (MAX_IMAGE_SIDE + 1, 1, 3 * 1, "larger than the limit"),
+    (2**32 - 1, 2**32 - 1, 3 * (2**32 - 1), "larger than the limit"),
+    (8192, 4097, 3 * 4097, "larger than the limit"),
+    (0, 5, 15, "no pixels"),
+])
+def test_raw_image_sizes_are_checked_before_the_buffer(height, width, step, match):
+    assert 8192 * 4097 > MAX_IMAGE_PIXELS >= 7680 * 4320   # 8K UHD passes
+    msg = FACTORY.new("Image", header=make_header(1, "cam", FACTORY), height=height, width=width,
+                      encoding="rgb8", step=step, data=FACTORY.uint8_data(np.zeros(12, np.uint8)))
+    with pytest.raises(ImageDecodeError, match=match):
+        image_to_rgb(msg)
+
+
+def test_raw_image_against_the_camera_info_size(rgb):
+    msg = image_msg(rgb, "rgb8")
+    h, w = rgb.shape[:2]
+    assert image_to_rgb(msg, expected_size=(w, h)).shape == rgb.shape
+    with pytest.raises(CalibrationError, match=f"image is {w}x{h} but CameraInfo says 10x10"):
+        image_to_rgb(msg, expected_size=(10, 10))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(width=0, height=0), "no pixels"),
+    (dict(width=100_000, height=900), "larger than the limit"),
+    (dict(K=np.array([np.nan, 0, 800, 0, 1266, 450, 0, 0, 1])), "K is not finite"),
+    (dict(K=np.array([0.0, 0, 800, 0, 0, 450, 0, 0, 1])), "focal lengths fx=0 fy=0"),
+    (dict(K=np.array([1e12, 0, 800, 0, 1e12, 450, 0, 0, 1])), "focal lengths"),
+    (dict(K=np.array([1266, 0, 1e9, 0, 1266, 450, 0, 0, 1])), "implausible"),
+    (dict(D=(np.inf, 0, 0, 0, 0)), "D is not finite"),
+    (dict(D=(1e9, 0, 0, 0, 0)), "distortion coefficients beyond"),
+    (dict(D=(0.0,) * 1000), "D has 1000 values"),
+    (dict(p=np.full(12, np.nan)), "P is not finite"),
+    (dict(r=np.full(9, np.inf)), "R is not finite"),
+])
+def test_absurd_camera_info_values_are_calibration_errors(front_info, change, match):
+    K = change.pop("K", np.asarray(front_info["cam2img"]).reshape(-1))
+    msg = camera_info(FACTORY, np.asarray(K).reshape(3, 3), **{k: v for k, v in change.items()
+                                                               if k in ("width", "height", "D")})
+    for key in ("p", "r"):
+        if key in change:
+            setattr(msg, key, FACTORY.float64_array(change[key]))
+    with pytest.raises(CalibrationError, match=match):
+        camera_info_to_model(msg)

@@ -560,3 +560,87 @@ def test_bad_requests_raise():
     with pytest.raises(InvalidPointCloudError, match="NaN"):
         create_cloud(msg.header, [make_point_field("ring", 0, UINT16, 1, FACTORY)],
                      np.array([[np.nan]]), msg_factory=FACTORY)
+
+
+# ---- bounded work per message (issue 9) -----------------------------------------------------
+def xyz_cloud(n: int = 4):
+    pts = np.arange(3 * n, dtype=np.float32).reshape(n, 3)
+    fields = [make_point_field(c, 4 * i, FLOAT32, 1, FACTORY) for i, c in enumerate("xyz")]
+    return create_cloud(make_header(1, "lidar", FACTORY), fields, pts, msg_factory=FACTORY)
+
+
+@pytest.mark.parametrize("count", [4_000_000_000, 100_000, 1025])
+def test_huge_point_field_count_is_refused_before_any_work(count):
+    """A PointField count is a free uint32: it used to expand name by name with an O(count²)
+    duplicate check (the node's inference thread hung for ever)."""
+    cloud = xyz_cloud()
+    cloud.fields.append(make_point_field("big", 12, UINT8, count, FACTORY))
+    with pytest.raises(InvalidPointCloudError, match="1024|65536"):
+        cloud_to_scan(cloud)
+
+
+def test_point_step_of_3e9_is_a_clear_error():
+    """point_step = 3e9 is a legal uint32; numpy raised a bare ValueError the pipeline missed."""
+    cloud = xyz_cloud()
+    cloud.point_step = 3_000_000_000
+    with pytest.raises(InvalidPointCloudError, match="point_step 3000000000 exceeds 65536"):
+        cloud_to_scan(cloud)
+    with pytest.raises(InvalidPointCloudError):
+        read_points(cloud)
+
+
+@pytest.mark.parametrize("height, width", [(2**32 - 1, 2**32 - 1), (1, 2**26), (2**13, 2**13)])
+def test_huge_height_times_width_is_refused(height, width):
+    cloud = xyz_cloud()
+    cloud.height, cloud.width = height, width
+    with pytest.raises(InvalidPointCloudError, match="points exceeds the limit"):
+        cloud_to_scan(cloud)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c: setattr(c, "height", -1), "must not be negative"),
+    (lambda c: setattr(c, "row_step", -8), "must not be negative"),
+    (lambda c: setattr(c, "fields", [make_point_field("x", 2**32 - 1, FLOAT32, 1, FACTORY)]), "ends beyond"),
+    (lambda c: setattr(c, "fields", [make_point_field("x", 0, FLOAT32, 1, FACTORY)] * 2000), "PointFields"),
+    (lambda c: setattr(c, "data", object()), "not a byte array"),
+    (lambda c: setattr(c, "header", None), "header"),
+])
+def test_malformed_duck_typed_clouds_raise_project_errors(mutate, match):
+    cloud = xyz_cloud()
+    mutate(cloud)
+    with pytest.raises(InvalidPointCloudError, match=match):
+        cloud_to_scan(cloud)
+
+
+def test_a_cloud_at_the_field_limit_still_gets_its_labelled_output():
+    """1024 values per point are accepted, and the labelled cloud in the input's layout (which
+    appends label / score / rgb) can still be written."""
+    from clip2scene_ros.pointcloud2 import MAX_FIELDS
+
+    fields = [make_point_field(c, 4 * i, FLOAT32, 1, FACTORY) for i, c in enumerate("xyz")]
+    fields.append(make_point_field("desc", 12, UINT8, MAX_FIELDS - 3, FACTORY))
+    step = 12 + MAX_FIELDS - 3
+    data = np.zeros((2, step), np.uint8)
+    data[:, :12] = np.arange(6, dtype=np.float32).reshape(2, 3).view(np.uint8)
+    cloud = FACTORY.new("PointCloud2", header=make_header(1, "l", FACTORY), height=1, width=2,
+                        fields=fields, point_step=step, row_step=2 * step,
+                        data=FACTORY.uint8_data(data.reshape(-1)), is_dense=True)
+    scan, stats = cloud_to_scan(cloud, ())
+    assert len(scan) == 2
+    out = labeled_cloud_like(cloud, np.zeros(2, np.int64), np.ones(2, np.float32), msg_factory=FACTORY)
+    assert [f.name for f in out.fields][-2:] == ["label", "score"]
+    too_many = list(fields) + [make_point_field("extra", step, UINT8, 1, FACTORY)]
+    cloud.fields, cloud.point_step = too_many, step + 1
+    with pytest.raises(InvalidPointCloudError, match="1024"):
+        cloud_to_scan(cloud)
+
+
+def test_float64_values_beyond_float32_are_non_finite_points_not_warnings():
+    fields = [make_point_field(c, 8 * i, FLOAT64, 1, FACTORY) for i, c in enumerate("xyz")]
+    pts = np.array([[1e300, 0, 0], [1.0, 2.0, 3.0]])
+    cloud = create_cloud(make_header(1, "l", FACTORY), fields, pts, msg_factory=FACTORY)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan, stats = cloud_to_scan(cloud, ())
+    assert stats.n_nonfinite == 1 and len(scan) == 1

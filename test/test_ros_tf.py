@@ -429,3 +429,73 @@ def test_listener_buffer_times_out_and_counts_bad_transforms(nuscenes):
     # TfResolver over it: the same policy as over tf2 (plain lookup: no world frame here)
     resolver = TfResolver(buf, "auto")
     assert resolver.active_fixed_frame() == ""
+
+
+# ---- one quaternion tolerance: tf2's (issue 9) ------------------------------------------------
+def _scaled(norm: float, parent: str = "base_link", child: str = "cam"):
+    """A 30° yaw, its quaternion scaled to ``norm``, 1 m ahead."""
+    T = np.eye(4)
+    T[:3, :3] = cv2.Rodrigues(np.array([0.0, 0.0, np.radians(30)]))[0]
+    T[0, 3] = 1.0
+    msg = matrix_to_transform(T, FACTORY, parent, child, 5)
+    r = msg.transform.rotation
+    r.x, r.y, r.z, r.w = (v * norm for v in (r.x, r.y, r.z, r.w))
+    return msg, T
+
+
+@pytest.mark.parametrize("norm, accepted", [
+    (1.0, True), (1.003, True), (0.997, True),       # |q|² within 0.01 of 1: tf2 takes it
+    (1.0049, True), (1.0051, False), (0.9949, False),  # |q|² = 1.0102 / 0.9898: tf2 refuses
+    (2.0, False), (float("nan"), False), (float("inf"), False),
+])
+def test_every_path_uses_tf2s_quaternion_rule(norm, accepted):
+    """The replay dropped all six cameras over a quaternion of norm 1.003 that tf2 (the node)
+    accepts. tf2's BufferCore::setTransform: |x²+y²+z²+w² − 1| < 10e-3, then the rotation is
+    used normalised. TransformBuffer, ListenerBuffer and transform_to_matrix follow it."""
+    from clip2scene_ros.tf import QUATERNION_NORMALIZATION_TOLERANCE
+
+    assert QUATERNION_NORMALIZATION_TOLERANCE == 10e-3
+    msg, T = _scaled(norm)
+    buf, listener = TransformBuffer(), ListenerBuffer(timeout_s=0.0)
+    listener.on_tf_static(tf_message([msg]))
+    if accepted:
+        buf.add(msg, static=True)
+        for got in (transform_to_matrix(msg), buf.lookup("base_link", "cam"),
+                    listener.lookup("base_link", "cam", 0)):
+            np.testing.assert_allclose(got, T, atol=1e-12)   # normalised, not scaled
+        assert listener.rejected == 0
+    else:
+        with pytest.raises(TransformError, match="not unit length"):
+            buf.add(msg, static=True)
+        with pytest.raises(TransformError, match="not unit length"):
+            transform_to_matrix(msg)
+        assert listener.rejected == 1 and "not unit length" in listener.last_error
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: setattr(m.header, "frame_id", None),
+    lambda m: setattr(m, "header", None),
+    lambda m: setattr(m.transform.rotation, "w", "one"),
+    lambda m: setattr(m.transform, "translation", 3),
+    lambda m: setattr(m.header, "stamp", "now"),
+])
+def test_malformed_transforms_are_transform_errors(mutate):
+    msg, _ = _scaled(1.0)
+    mutate(msg)
+    with pytest.raises(TransformError):
+        TransformBuffer().add(msg)
+    listener = ListenerBuffer()
+    assert listener.on_tf(FACTORY.new("TFMessage", transforms=[msg])) == 0 and listener.rejected == 1
+
+
+def test_chaining_absurd_translations_is_an_error_not_nan():
+    """Found by test_fuzz_messages: a finite translation of 1.8e308 overflowed into NaN."""
+    msg, _ = _scaled(1.0, "map", "odom")
+    msg.transform.translation.x = msg.transform.translation.y = 1.7e308   # finite, yawed 30°
+    buf = TransformBuffer()
+    buf.add(msg)
+    with pytest.raises(TransformError, match="not finite"):
+        buf.lookup("odom", "map", 5)
+    with pytest.raises(TransformError, match="not finite"):
+        TfResolver(buf, "none")("odom", 5, "map", 5)
+    assert TfResolver(buf, "auto")("map", 5, "map", 5).tolist() == np.eye(4).tolist()   # fallback
