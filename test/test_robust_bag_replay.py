@@ -22,6 +22,7 @@ from training.tools import nuscenes_to_bag, safe_child, semantickitti_to_bag
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_replay import _checkpoint  # noqa: E402
+from test_replay import kitti_bag, nus_bag, nus_ckpt, work  # noqa: E402,F401  (shared module fixtures)
 
 NUS3 = "nuscenes/dororo99_v1.0-extract_3samples"
 TABLES = "v1.0-extract-subset"
@@ -31,34 +32,8 @@ OUT_TOPIC = "/clip2scene_segmenter/labeled_points"
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("robust")
-
-
-@pytest.fixture(scope="module")
-def nus_ckpt(work) -> Path:
-    return _checkpoint(work / "nus.pt", "nuscenes16")
-
-
-@pytest.fixture(scope="module")
 def kitti_ckpt(work) -> Path:
     return _checkpoint(work / "kitti.pt", "semantickitti19")
-
-
-@pytest.fixture(scope="module")
-def nus_bag(work, data_dir) -> Path:
-    """Two real key frames (41 messages: clouds, 12 JPEGs + CameraInfo, TF)."""
-    out = work / "nus_in"
-    assert nuscenes_to_bag.main(["--root", str(data_dir / NUS3), "--version-dir", TABLES,
-                                 "--out", str(out), "--max-samples", "2", "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def kitti_bag(work, data_dir) -> Path:
-    out = work / "kitti_in"
-    assert semantickitti_to_bag.main(["--root", str(data_dir / KITTI), "--out", str(out), "--quiet"]) == 0
-    return out
 
 
 def _run(bag: Path, out: Path, ckpt: Path, *extra: str) -> int:
