@@ -48,6 +48,7 @@ test: venv ros
 bench: venv
 	$(PY) benchmarks/pipeline_latency.py --threads 1
 	$(PY) benchmarks/backbone_throughput.py --threads 1
+	$(PY) benchmarks/teacher_latency.py
 
 clean:
 	rm -rf $(VENV) out runs

@@ -24,3 +24,54 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"device '{device}' asked for but CUDA is not available")
     return dev
 
+
+
+#: precisions of the CLIP teacher's image forward (``teacher_precision``)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16).
+
+    Without them oneDNN emulates bf16 and autocast is *slower* than fp32 (about 10× measured
+    on an AVX2 AMD EPYC), so "auto" must not choose it there. torch's dispatch level
+    (``torch.backends.cpu.get_cpu_capability()``) only says AVX2 / AVX512, not whether bf16
+    is native, hence the CPU flags (Linux); elsewhere False.
+    """
+    try:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+            return False
+    except Exception:  # noqa: BLE001 - older torch: decide from the flags alone
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` → fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; others checked."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device (use bf16 or fp32 on a CPU)")
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context manager running a forward pass at ``precision`` (fp32: no autocast)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -4,6 +4,13 @@ The 3D network embeds every point into CLIP's space; a point's class is the text
 it is closest to, so the vocabulary is just a matrix that can be swapped at run time. When a
 CLIP teacher is loaded and camera frames are given, the teacher's dense pixel predictions
 are fused into the points that project into an image.
+
+Camera fusion comes in two steps, which a caller may run apart: `Segmenter.predict_camera`
+runs the teacher on one image (the expensive part, vocabulary-independent), and
+``segment(scan, predictions=...)`` fuses given predictions into a sweep's probabilities,
+each through its own calibration. ``segment(scan, cameras)`` does both inline. The ROS node
+runs the first on a worker of its own, off the sweep's critical path
+(`clip2scene_ros.pipeline.TeacherWorker`).
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .device import resolve_device
+from .clip.preprocess import ImageGeometry
+from .device import autocast_for, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, EmptyPointCloudError
-from .types import CameraFrame, Scan
+from .types import Calibration, CameraFrame, Scan
 
 
 @dataclass
@@ -40,6 +48,29 @@ class SegmenterConfig:
     camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
     camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
     min_depth: float = 0.5              # metres in front of a camera to count as seen
+    # precision of the teacher's image forward: auto (fp16 on CUDA, bf16 on a CPU with native
+    # bf16 — AVX512-BF16 / AMX —, else fp32), fp32, bf16 or fp16 (CUDA only)
+    teacher_precision: str = "auto"
+
+
+@dataclass
+class CameraPrediction:
+    """The CLIP teacher's dense features of one camera image, ready to be fused into sweeps.
+
+    ``calibration`` maps the sweep's points into the image; a prediction fused into a
+    different sweep gets that sweep's LiDAR→camera transform (`with_calibration`).
+    """
+
+    name: str
+    stamp_ns: int                       # the image's stamp
+    features: torch.Tensor              # (D, h, w) L2-normalised MaskCLIP features
+    geometry: ImageGeometry             # pixel ↔ feature-grid mapping of this image
+    calibration: Calibration
+    seconds: float = 0.0                # teacher time (preprocess + forward)
+    precision: str = "fp32"             # what the forward ran at
+
+    def with_calibration(self, calibration: Calibration) -> "CameraPrediction":
+        return dataclasses.replace(self, calibration=calibration)
 
 
 @dataclass
@@ -231,27 +262,57 @@ class Segmenter:
             feats = F.normalize(F.normalize(out.local, dim=1) + F.normalize(out.global_, dim=1), dim=1)
         return self.logit_scale * feats @ emb.t()
 
+    @property
+    def consumes_cameras(self) -> bool:
+        """Whether `segment` uses the camera frames it is given (teacher loaded, fusion on)."""
+        return self.teacher is not None and bool(self.config.camera_fusion)
+
+    @torch.inference_mode()
+    def predict_camera(self, frame: CameraFrame, precision: str | None = None) -> CameraPrediction:
+        """The teacher's dense features of ``frame`` (ConfigError without a teacher).
+
+        ``precision`` (default ``config.teacher_precision``): see `SegmenterConfig`; the
+        features come back as float32 whatever the forward ran at.
+        """
+        if self.teacher is None:
+            raise ConfigError("no CLIP teacher loaded: camera predictions need one")
+        dev = torch.device(getattr(self.teacher, "device", self.device))
+        prec = resolve_precision(precision or self.config.teacher_precision, dev)
+        t0 = time.perf_counter()
+        with autocast_for(prec, dev):
+            dense, geo = self.teacher.dense_features_with_geometry(frame.image)
+        feats = dense[0].float()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return CameraPrediction(frame.name, int(frame.stamp_ns), feats, geo, frame.calibration,
+                                time.perf_counter() - t0, prec)
+
     def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
-                      emb: torch.Tensor, info: dict) -> torch.Tensor:
+                      emb: torch.Tensor, info: dict,
+                      predictions: Sequence[CameraPrediction] = ()) -> torch.Tensor:
+        """Average the pixel probabilities of every camera (frames: run the teacher now;
+        predictions: computed before) into the points seen by it."""
         from .clip.preprocess import sample_grid
         from .geometry import project_points
 
         seen_sum = torch.zeros_like(probs)
         seen_cnt = torch.zeros(probs.shape[0], device=probs.device)
-        for cam in cameras:
-            proj = project_points(xyz, cam.calibration, min_depth=self.config.min_depth)
+        for item in [*cameras, *predictions]:
+            proj = project_points(xyz, item.calibration, min_depth=self.config.min_depth)
             idx = np.flatnonzero(proj.valid)
-            if idx.size == 0:
-                info["cameras_skipped"].append((cam.name, "no point projects into the image"))
+            if idx.size == 0:   # checked first: an image nothing projects into costs no teacher
+                info["cameras_skipped"].append((item.name, "no point projects into the image"))
                 continue
-            dense, geo = self.teacher.dense_features_with_geometry(cam.image)
+            pred = self.predict_camera(item) if isinstance(item, CameraFrame) else item
+            geo = pred.geometry
             idx = idx[geo.inside(proj.uv[idx])]  # the teacher may crop the image borders
-            feats = sample_grid(dense[0], proj.uv[idx], geo).to(probs.device)
+            # normalised once, here (sample_grid's own normalisation would be a second pass)
+            feats = sample_grid(pred.features, proj.uv[idx], geo, normalize=False).to(probs.device)
             logits = self.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
             t_idx = torch.as_tensor(idx, device=probs.device)
             seen_sum.index_add_(0, t_idx, logits.softmax(dim=1))
             seen_cnt.index_add_(0, t_idx, torch.ones(idx.size, device=probs.device))
-            info["cameras_used"].append(cam.name)
+            info["cameras_used"].append(item.name)
         seen = seen_cnt > 0
         w = self.config.camera_weight
         probs = probs.clone()
@@ -260,8 +321,14 @@ class Segmenter:
         return probs
 
     @torch.inference_mode()
-    def segment(self, scan: Scan, cameras: Sequence[CameraFrame] = ()) -> SegmentationResult:
-        """Label every point of ``scan``; points that cannot be voxelised get label -1."""
+    def segment(self, scan: Scan, cameras: Sequence[CameraFrame] = (),
+                predictions: Sequence[CameraPrediction] = ()) -> SegmentationResult:
+        """Label every point of ``scan``; points that cannot be voxelised get label -1.
+
+        ``cameras`` are fused running the teacher now (inline); ``predictions`` (from
+        `predict_camera`, each with the calibration of *this* sweep) are fused as they are.
+        Both need ``config.camera_fusion``; frames also need a teacher.
+        """
         from .models import VoxelBatch
         from .voxelize import voxelize
 
@@ -285,18 +352,21 @@ class Segmenter:
         timings["voxelize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         probs, point_rows = self._row_probs(batch, emb)
-        fuse = bool(cameras) and self.teacher is not None and self.config.camera_fusion
+        fuse_frames = bool(cameras) and self.teacher is not None and self.config.camera_fusion
+        predictions = list(predictions) if self.config.camera_fusion else []
+        fuse = fuse_frames or bool(predictions)
         if fuse and not point_rows:   # camera fusion works per point: only then expand
             probs, point_rows = probs[batch.inverse], True
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["infer"] = time.perf_counter() - t0
-        if cameras and not fuse:
+        if cameras and not fuse_frames:
             reason = "no CLIP teacher loaded" if self.teacher is None else "camera fusion disabled"
             info["cameras_skipped"] = [(c.name, reason) for c in cameras]
-        elif fuse:
+        if fuse:
             t0 = time.perf_counter()
-            probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask], cameras, emb, info)
+            probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask],
+                                       cameras if fuse_frames else (), emb, info, predictions)
             timings["cameras"] = time.perf_counter() - t0
         score, label = probs.max(dim=1)
         if not point_rows:            # one label per voxel, gathered to its points last

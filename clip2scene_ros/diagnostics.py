@@ -98,6 +98,7 @@ class PipelineStats:
         self.nan_points = 0
         self.camera_used: Counter[str] = Counter()
         self.camera_skipped: Counter[tuple[str, str]] = Counter()
+        self.camera_idle: Counter[str] = Counter()   # not decoded: nothing consumed the image
         self.last_error = ""
         self.last_status = ""
         self.last_output_ns: int | None = None
@@ -125,6 +126,8 @@ class PipelineStats:
             self.camera_used[name] += 1
         for name, reason in output.cameras_skipped.items():
             self.camera_skipped[(name, reason_kind(reason))] += 1
+        for name in getattr(output, "cameras_idle", ()):
+            self.camera_idle[name] += 1
         if output.status == "ok":
             self.frames_ok += 1
         elif output.status == "empty":
@@ -156,6 +159,8 @@ class PipelineStats:
             values[f"camera.{name}.used"] = str(n)
         for (name, reason), n in sorted(self.camera_skipped.items()):
             values[f"camera.{name}.skipped[{reason}]"] = str(n)
+        for name, n in sorted(self.camera_idle.items()):
+            values[f"camera.{name}.idle"] = str(n)
         if self.last_error:
             values["last_error"] = self.last_error
         if self.last_status == "error":

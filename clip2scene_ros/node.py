@@ -18,6 +18,7 @@ Optional ROS packages are used when present and replaced by project code otherwi
 from __future__ import annotations
 
 import importlib
+import signal
 import threading
 from functools import partial
 from typing import Any
@@ -28,12 +29,13 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 SetParametersResult)
 from rclpy.duration import Duration
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, QoSPolicyKind, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
@@ -146,7 +148,7 @@ class SegmenterMixin:
         cfg = self.cfg
         self.factory = MessageFactory.from_rclpy()
         self.segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
-                                        cfg.cpu_threads)
+                                        cfg.cpu_threads, cfg.teacher_precision)
         self.pipeline = build_pipeline(cfg, self.segmenter, self.factory)
         self.tf_resolver = TfResolver(self._tf_backend(), cfg.fixed_frame,
                                       on_fallback=self._on_tf_fallback)
@@ -154,7 +156,8 @@ class SegmenterMixin:
             self.pipeline, cfg.cameras, cfg.sync, tf_lookup=self.tf_resolver,
             clock=lambda: self.get_clock().now().nanoseconds, warn=self.get_logger().warning,
             warn_throttle_s=cfg.warn_throttle, device=str(self.segmenter.device),
-            overlay_cameras=self._overlays_wanted, camera_info_policy=cfg.camera_info_policy)
+            overlay_cameras=self._overlays_wanted, camera_info_policy=cfg.camera_info_policy,
+            teacher_async=cfg.teacher_async, teacher_max_age=cfg.teacher_max_age)
 
         out_qos = (QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
                    if cfg.output_qos == "reliable" else qos_profile_sensor_data)
@@ -243,7 +246,7 @@ class SegmenterMixin:
         self._c2s_timers = [
             self.create_timer(max(0.01, min(0.1, cfg.camera_timeout / 4)), self.runner.on_timer),
             self.create_timer(cfg.diagnostics_period, self._publish_diagnostics)]
-        self.runner.slot.reopen()
+        self.runner.reopen()
         self._worker = threading.Thread(target=self._work, name="clip2scene_inference", daemon=True)
         self._worker.start()
 
@@ -434,28 +437,40 @@ _START_ERRORS = (Clip2SceneError, ParameterException, TransformError)
 
 
 def _run(make_node: Any, args: list[str] | None) -> int:
+    """Init, spin until SIGINT/SIGTERM, shut down; 0 on a signal, 1 on a start-up error.
+
+    rclpy's own SIGINT handler shuts the context down from inside the signal, which races
+    with a message being taken (rclpy then raises from the invalidated context). Here the
+    signal only sets a flag: the spin loop ends between callbacks, the inference thread is
+    joined, and only then is the context shut down.
+    """
     prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
-    rclpy.init(args=args)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     code = 0
+    executor = SingleThreadedExecutor()
     try:
         node = make_node()
-        rclpy.spin(node)
+        executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except _START_ERRORS as exc:   # bad parameter / checkpoint: one line, exit non-zero
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         code = 1
-    except Exception:
-        # Ctrl-C can land while the executor takes a message; rclpy then raises from the
-        # invalidated context (e.g. "Unable to convert call argument"). That is a shutdown.
-        if rclpy.ok():
-            raise
     finally:
         if node is not None:
             node.shutdown()
+            executor.remove_node(node)
             node.destroy_node()
+        executor.shutdown()
         rclpy.try_shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return code
 
 

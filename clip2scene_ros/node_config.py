@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clip2scene_core.config import load_yaml
+from clip2scene_core.device import PRECISIONS
 from clip2scene_core.errors import ConfigError
 
 from .sync import SyncConfig
@@ -86,6 +87,16 @@ class NodeConfig:
                              "with two cores or fewer, else half the cores, at most 4). OpenMP "
                              "workers wait passively (OMP_WAIT_POLICY=PASSIVE unless set)",
                           min_value=0, max_value=1024)
+    teacher_async: bool = _p(True, "with clip_weights and cameras: run the CLIP teacher on its own "
+                                   "thread at its own rate, off the sweep's critical path (each "
+                                   "sweep fuses the latest fitting prediction, never waits); false: "
+                                   "run it inline on every sweep's images")
+    teacher_max_age: float = _p(0.5, "asynchronous teacher: a camera's latest prediction is fused "
+                                     "into a sweep only if its image stamp is within this many "
+                                     "seconds of the sweep's", min_value=0.0, max_value=3600.0)
+    teacher_precision: str = _p("auto", "the teacher's image forward: auto (fp16 on CUDA, bf16 on "
+                                        "a CPU with native bf16 (AVX512-BF16 / AMX), else fp32), "
+                                        "fp32, bf16 or fp16 (CUDA only)", choices=PRECISIONS)
     lidar_topic: str = _p("/points", "input sensor_msgs/PointCloud2 topic")
     cameras: list[str] = _p([], "camera names; each reads camera.<name>.image_topic/info_topic/"
                                 "transport/optical_frame")

@@ -10,6 +10,16 @@ robot runs is what the tests and the replay tool run.
 size-1 newest-frame slot between callbacks and the inference thread, statistics for
 /diagnostics and throttled warnings. node.py only wires rclpy callbacks to its methods.
 
+Cameras and the CLIP teacher. An image is decoded only when something consumes it: an
+overlay someone subscribes to, or inline camera fusion; otherwise the camera is reported
+idle (`PipelineOutput.cameras_idle`) at no cost. With a teacher, `PipelineRunner` (by
+default, ``teacher_async``) runs it on a `TeacherWorker` thread of its own: every image that
+arrives goes to a size-1 slot per camera, the worker predicts the newest one, and each sweep
+fuses, per camera, the latest finished prediction stamped within ``teacher_max_age`` of the
+sweep (with the LiDAR→camera transform looked up for this sweep and that image stamp). A
+sweep never waits for the teacher: a camera without a fitting prediction is LiDAR-only in
+that sweep. `SegmentationPipeline.process` alone (the replay tool) fuses inline.
+
 Failure policy (a bad input never stops the stream):
 - unreadable cloud / model exception → `status="error"`, no cloud, the next frame runs;
 - empty cloud (or nothing finite) → an empty labelled cloud, `status="empty"`;
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
@@ -35,7 +46,7 @@ from clip2scene_core.palette import colorize, palette_for
 from clip2scene_core.render import draw_points
 from clip2scene_core.types import Calibration, CameraFrame
 
-from .diagnostics import DiagnosticReport, PipelineStats, WarnThrottle, reason_kind
+from .diagnostics import DiagnosticReport, PipelineStats, StageTimes, WarnThrottle, reason_kind
 from .image import camera_info_to_model, compressed_to_rgb, image_to_rgb, rgb_to_image
 from .msgs import MessageFactory, default_factory, header_stamp_ns
 from .pointcloud2 import cloud_to_scan, kept_field_values, labeled_cloud, labeled_cloud_like
@@ -147,6 +158,11 @@ class PipelineOutput:
     cameras_used: list[str] = field(default_factory=list)
     cameras_skipped: dict[str, str] = field(default_factory=dict)   # camera → reason
     fusion_skipped: dict[str, str] = field(default_factory=dict)    # used for overlays only: why
+    cameras_idle: list[str] = field(default_factory=list)   # not decoded: nothing consumed them
+    # asynchronous teacher (PipelineRunner): camera → age (s, sweep − image stamp) of the
+    # prediction fused into this sweep, and of latest predictions too far from it (not fused)
+    teacher_used: dict[str, float] = field(default_factory=dict)
+    teacher_stale: dict[str, float] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     # per point with finite x/y/z (the compact cloud's points; `kept` maps input points to them)
     labels: np.ndarray | None = None   # (kept.sum(),) int64, -1 = unlabelled
@@ -171,20 +187,22 @@ def _needed_fields(segmenter: Any, extra: Sequence[str]) -> tuple[str, ...]:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "",
-                   cpu_threads: int = 0) -> Any:
+                   cpu_threads: int = 0, teacher_precision: str = "auto") -> Any:
     """`Segmenter` from a checkpoint, with the CLIP teacher when `clip_weights` is given.
 
     Without a teacher the vocabulary is the checkpoint's and cameras only feed overlays; with
     one, `class_names` can change at run time and camera pixels are fused into the labels.
     Sets torch's CPU thread count first (`cpu_threads`; 0: one on machines with two cores
-    or fewer, see `clip2scene_core.threads`).
+    or fewer, see `clip2scene_core.threads`). ``teacher_precision``: the teacher's image
+    forward (`clip2scene_core.segmenter.SegmenterConfig`).
     """
     from clip2scene_core.threads import set_cpu_threads
-    from clip2scene_core.segmenter import Segmenter
+    from clip2scene_core.segmenter import Segmenter, SegmenterConfig
 
     set_cpu_threads(cpu_threads)
 
-    segmenter = Segmenter.load(checkpoint, device=device)
+    segmenter = Segmenter.load(checkpoint, device=device,
+                               config=SegmenterConfig(teacher_precision=teacher_precision))
     if clip_weights:
         from clip2scene_core.clip.teacher import ClipTeacher
 
@@ -201,7 +219,8 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
     """
     if segmenter is None:
         segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
-                                   getattr(cfg, "cpu_threads", 0))
+                                   getattr(cfg, "cpu_threads", 0),
+                                   getattr(cfg, "teacher_precision", "auto"))
     pipeline = SegmentationPipeline(segmenter, PipelineConfig.from_node_config(cfg), msg_factory,
                                     tf_lookup)
     if cfg.class_names:
@@ -308,15 +327,24 @@ class SegmentationPipeline:
         return self._filter_ids, warning
 
     # -- cameras ---------------------------------------------------------------------------
-    def camera_frame(self, cam: CameraInput, lidar_frame: str, lidar_stamp_ns: int,
-                     tf_lookup: TfLookup | None = None) -> CameraFrame:
-        """Decode, check and calibrate one camera; any problem raises a Clip2SceneError.
+    @property
+    def fuses_inline(self) -> bool:
+        """Whether the segmenter uses the camera frames `process` gives it (a teacher is loaded
+        and camera fusion is on: `Segmenter.consumes_cameras`); only then are images decoded
+        for it."""
+        seg = self.segmenter
+        flag = getattr(seg, "consumes_cameras", None)
+        if flag is not None:
+            return bool(flag)
+        return getattr(seg, "teacher", None) is not None and \
+            bool(getattr(getattr(seg, "config", None), "camera_fusion", True))
+
+    def decode_camera(self, cam: CameraInput) -> tuple[np.ndarray, Any]:
+        """The (H, W, 3) RGB image and its CameraModel; any problem raises a Clip2SceneError.
 
         The CameraInfo is checked first and the image's size (from its header, for a
         CompressedImage) against it before anything is decoded, so a bad message costs no
-        decoding. ``lidar_to_camera`` maps points of the sweep (LiDAR frame at
-        ``lidar_stamp_ns``) into the camera at its image stamp: both stamps go to the lookup,
-        which decides.
+        decoding.
         """
         img_msg = cam.image
         model = camera_info_to_model(cam.info)
@@ -329,27 +357,55 @@ class SegmentationPipeline:
         if (w, h) != size:   # the converters checked it already; kept as the contract
             raise CalibrationError(
                 f"image is {w}x{h} but CameraInfo says {model.width}x{model.height}")
+        return rgb, model
+
+    @staticmethod
+    def optical_frame(cam: CameraInput) -> str:
+        """The camera's TF frame: configured, else the image's header frame_id, else the info's."""
         try:
-            frame = cam.optical_frame or str(img_msg.header.frame_id) \
+            frame = cam.optical_frame or str(cam.image.header.frame_id) \
                 or str(cam.info.header.frame_id)
         except AttributeError as exc:
             raise CalibrationError(f"camera message without a header: {exc}") from None
         if not frame:
             raise CalibrationError("neither the image nor its CameraInfo names a frame_id")
+        return frame
+
+    def lidar_to_camera(self, optical_frame: str, image_stamp_ns: int, lidar_frame: str,
+                        lidar_stamp_ns: int, tf_lookup: TfLookup | None = None) -> np.ndarray:
+        """4×4 taking points of the sweep (LiDAR frame at its stamp) into the camera at the
+        image stamp: both stamps go to the lookup, which decides."""
         lookup = tf_lookup or self.tf_lookup
         if lookup is None:
             raise TransformError("no TF lookup given to the pipeline")
-        T = np.asarray(lookup(frame, cam.stamp_ns, lidar_frame, lidar_stamp_ns), dtype=np.float64)
+        return np.asarray(lookup(optical_frame, image_stamp_ns, lidar_frame, lidar_stamp_ns),
+                          dtype=np.float64)
+
+    def camera_frame(self, cam: CameraInput, lidar_frame: str, lidar_stamp_ns: int,
+                     tf_lookup: TfLookup | None = None) -> CameraFrame:
+        """Decode, check and calibrate one camera; any problem raises a Clip2SceneError.
+
+        ``lidar_to_camera`` maps points of the sweep (LiDAR frame at ``lidar_stamp_ns``)
+        into the camera at its image stamp (see `lidar_to_camera`).
+        """
+        rgb, model = self.decode_camera(cam)
+        frame = self.optical_frame(cam)
+        T = self.lidar_to_camera(frame, cam.stamp_ns, lidar_frame, lidar_stamp_ns, tf_lookup)
         return CameraFrame(cam.name, rgb, Calibration(model, T), cam.stamp_ns)
 
     # -- one frame -------------------------------------------------------------------------
     def process(self, cloud_msg: Any, cameras: Sequence[CameraInput] = (),
                 tf_lookup: TfLookup | None = None, skipped: dict[str, str] | None = None,
-                overlay_cameras: Collection[str] | None = None) -> PipelineOutput:
+                overlay_cameras: Collection[str] | None = None,
+                predictions: "Sequence[TeacherPrediction] | None" = None) -> PipelineOutput:
         """Segment one sweep; never raises for bad data (see the module docstring).
 
         Overlays are drawn when `config.publish_overlays` is set, for the cameras in
         `overlay_cameras` (None: every camera used) — the node passes the ones with subscribers.
+        ``predictions`` None: the teacher (if any) runs inline on the cameras; a sequence
+        (asynchronous teacher): those predictions are fused, each with the transform for this
+        sweep, and cameras are decoded for overlays only. A camera nothing consumes is not
+        decoded (`PipelineOutput.cameras_idle`).
         """
         t0 = time.perf_counter()
         try:
@@ -371,7 +427,13 @@ class SegmentationPipeline:
         if stats.missing_fields:
             out.warnings.append(f"cloud has no {list(stats.missing_fields)} field: using zeros")
         frames: list[CameraFrame] = []
+        inline = predictions is None and self.fuses_inline
+        overlays = self.config.publish_overlays
         for cam in cameras:
+            name = str(getattr(cam, "name", "?"))
+            if not inline and not (overlays and (overlay_cameras is None or name in overlay_cameras)):
+                out.cameras_idle.append(name)   # nothing consumes it: not decoded
+                continue
             # a camera that fails is skipped and counted (cameras_skipped → diagnostics and the
             # replay report); the sweep goes on with the others or LiDAR-only
             try:
@@ -384,6 +446,7 @@ class SegmentationPipeline:
                 out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
                     f"unexpected {type(exc).__name__}: {_clip(str(exc))}"
         out.cameras_used = [f.name for f in frames]
+        fused = self._calibrate_predictions(out, predictions or (), tf_lookup) if len(scan) else []
         out.timings["convert"] = time.perf_counter() - t0
 
         if len(scan) == 0:
@@ -393,7 +456,10 @@ class SegmentationPipeline:
             out.class_names = self.class_names
         else:
             try:
-                result = self.segmenter.segment(scan, frames)
+                if predictions is None:
+                    result = self.segmenter.segment(scan, frames)
+                else:
+                    result = self.segmenter.segment(scan, (), [p for p, _ in fused])
             except Exception as exc:  # a model failure drops this frame, not the node
                 out.status, out.error = "error", f"segmentation failed: {type(exc).__name__}: {exc}"
                 return out
@@ -402,7 +468,8 @@ class SegmentationPipeline:
             for stage, seconds in result.timings.items():
                 out.timings[stage] = float(seconds)
             info = result.info or {}
-            out.fusion_skipped = {name: reason for name, reason in info.get("cameras_skipped", [])}
+            out.fusion_skipped.update({name: reason for name, reason in info.get("cameras_skipped", [])})
+            out.teacher_used = {p.name: age for p, age in fused if p.name not in out.fusion_skipped}
         t1 = time.perf_counter()
         out.labels, out.scores = labels, scores
         out.points_labeled = int(np.count_nonzero(labels >= 0))
@@ -436,6 +503,24 @@ class SegmentationPipeline:
         out.timings["publish"] = time.perf_counter() - t1
         return out
 
+    def _calibrate_predictions(self, out: PipelineOutput, predictions: "Sequence[TeacherPrediction]",
+                               tf_lookup: TfLookup | None) -> list[tuple[Any, float]]:
+        """(prediction with this sweep's LiDAR→camera transform, age s) per prediction; one
+        whose transform is unavailable is left out (`fusion_skipped`)."""
+        fused = []
+        for tp in predictions:
+            pred = tp.prediction
+            try:
+                T = self.lidar_to_camera(tp.optical_frame, pred.stamp_ns, out.frame_id,
+                                         out.stamp_ns, tf_lookup)
+                pred = pred.with_calibration(Calibration(pred.calibration.camera, T))
+            except Exception as exc:  # noqa: BLE001 - the lookup's own error types too
+                out.fusion_skipped[pred.name] = \
+                    f"teacher prediction: {type(exc).__name__}: {_clip(str(exc))}"
+                continue
+            fused.append((pred, (out.stamp_ns - pred.stamp_ns) / 1e9))
+        return fused
+
     def _input_layout_clouds(self, out: PipelineOutput, cloud_msg: Any, kept: np.ndarray,
                              labels: np.ndarray, scores: np.ndarray, pal: np.ndarray,
                              chosen: np.ndarray | None) -> None:
@@ -456,10 +541,11 @@ class SegmentationPipeline:
                                                     select=select, msg_factory=self.factory)
 
     def process_frame(self, frame: SyncedFrame, tf_lookup: TfLookup | None = None,
-                      overlay_cameras: Collection[str] | None = None) -> PipelineOutput:
+                      overlay_cameras: Collection[str] | None = None,
+                      predictions: "Sequence[TeacherPrediction] | None" = None) -> PipelineOutput:
         """`process` for a `SyncedFrame` whose lidar is a PointCloud2 and cameras `CameraInput`s."""
         out = self.process(frame.lidar, list(frame.cameras.values()), tf_lookup, frame.skipped,
-                           overlay_cameras)
+                           overlay_cameras, predictions)
         out.received_ns = frame.received_ns
         return out
 
@@ -474,6 +560,121 @@ class SegmentationPipeline:
         return rgb_to_image(canvas, src.image.header, factory=self.factory)
 
 
+@dataclass
+class TeacherPrediction:
+    """A finished teacher prediction of one camera, and the TF frame to look its pose up in."""
+
+    prediction: Any          # clip2scene_core.segmenter.CameraPrediction
+    optical_frame: str
+
+
+class TeacherWorker:
+    """Runs the CLIP teacher on camera images at its own rate, on a thread of its own.
+
+    `submit` (any thread, cheap) puts an image into its camera's size-1 slot, replacing one
+    the worker has not started yet; the worker takes the camera that has waited longest,
+    decodes the image, runs `Segmenter.predict_camera` and keeps the latest prediction per
+    camera (`latest`). The thread starts with the first image; `close` stops it (a prediction
+    in progress finishes first), `reopen` allows a new start with no old predictions.
+    """
+
+    def __init__(self, pipeline: SegmentationPipeline, precision: str | None = None,
+                 on_failure: Callable[[str, str], None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.precision = precision          # None: the segmenter's config.teacher_precision
+        self.on_failure = on_failure        # (camera, reason), called on the worker thread
+        self._cond = threading.Condition()
+        self._pending: dict[str, CameraInput] = {}   # insertion order = waiting longest first
+        self._results: dict[str, TeacherPrediction] = {}
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._generation = 0                 # a thread of an older generation (closed) ends
+        # statistics (read under the condition's lock)
+        self.times = StageTimes()            # "decode", "teacher" seconds per image
+        self.done = 0
+        self.replaced = 0                    # superseded in their slot before the worker got to them
+        self.failed: Counter[tuple[str, str]] = Counter()   # (camera, reason kind)
+        self.last_failure = ""
+
+    def submit(self, cam: CameraInput) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if cam.name in self._pending:
+                self.replaced += 1
+            self._pending[cam.name] = cam    # an existing key keeps its place in the queue
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(self._generation,),
+                                                name="clip2scene_teacher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def latest(self) -> dict[str, TeacherPrediction]:
+        """The newest finished prediction per camera."""
+        with self._cond:
+            return dict(self._results)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted image is predicted (tests, benchmarks)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._generation += 1
+            self._pending.clear()
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._results.clear()
+
+    def _run(self, generation: int) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or generation != self._generation)
+                if generation != self._generation:
+                    return
+                name = next(iter(self._pending))
+                cam = self._pending.pop(name)
+                self._busy = True
+            result, times, failure = self._predict(cam)
+            with self._cond:
+                self._busy = False
+                if result is not None and generation == self._generation:
+                    self._results[name] = result
+                    self.done += 1
+                    self.times.add(times)
+                elif failure:
+                    self.failed[(name, reason_kind(failure))] += 1
+                    self.last_failure = f"camera '{name}': {failure}"
+                self._cond.notify_all()
+            if failure and self.on_failure is not None:
+                self.on_failure(name, failure)
+
+    def _predict(self, cam: CameraInput) -> tuple[TeacherPrediction | None, dict[str, float], str]:
+        t0 = time.perf_counter()
+        try:
+            rgb, model = self.pipeline.decode_camera(cam)
+            optical = self.pipeline.optical_frame(cam)
+            t1 = time.perf_counter()
+            # the extrinsics are the sweep's, looked up when a sweep fuses the prediction
+            frame = CameraFrame(cam.name, rgb, Calibration(model), cam.stamp_ns)
+            pred = self.pipeline.segmenter.predict_camera(frame, self.precision)
+        except Clip2SceneError as exc:
+            return None, {}, f"{type(exc).__name__}: {_clip(str(exc))}"
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker
+            return None, {}, f"unexpected {type(exc).__name__}: {_clip(str(exc))}"
+        t2 = time.perf_counter()
+        return TeacherPrediction(pred, optical), {"decode": t1 - t0, "teacher": t2 - t1}, ""
+
+
 class PipelineRunner:
     """The node's logic without rclpy: callbacks → sync → newest-frame slot → pipeline.
 
@@ -481,6 +682,11 @@ class PipelineRunner:
     periodically (releases sweeps whose cameras went quiet), and runs `step` in a loop on
     its inference thread, publishing what it returns. `clock` gives "now" in nanoseconds
     (the node's ROS clock, so simulated time works).
+
+    With a teacher loaded and camera fusion on, ``teacher_async`` (default) runs it on a
+    `TeacherWorker` (``self.teacher``): each sweep fuses, per camera, the latest finished
+    prediction whose image stamp is within ``teacher_max_age`` seconds of the sweep's, and
+    never waits for one. ``teacher_async=False``: the teacher runs inline in `step`.
     """
 
     def __init__(self, pipeline: SegmentationPipeline, camera_names: Sequence[str] = (),
@@ -489,8 +695,16 @@ class PipelineRunner:
                  warn: Callable[[str], None] | None = None, warn_throttle_s: float = 5.0,
                  device: str = "",
                  overlay_cameras: Callable[[], Collection[str] | None] | None = None,
-                 camera_info_policy: str = PAIR_LATEST) -> None:
+                 camera_info_policy: str = PAIR_LATEST, teacher_async: bool = True,
+                 teacher_max_age: float = 0.5, teacher_precision: str | None = None) -> None:
         self.pipeline = pipeline
+        self.teacher: TeacherWorker | None = (
+            TeacherWorker(pipeline, teacher_precision, self._on_teacher_failure)
+            if teacher_async and camera_names and pipeline.fuses_inline
+            and hasattr(pipeline.segmenter, "predict_camera") else None)
+        self.teacher_max_age_ns = int(round(float(teacher_max_age) * 1e9))
+        self.teacher_used: Counter[str] = Counter()
+        self.teacher_stale: Counter[str] = Counter()
         self.sync = FrameSync(camera_names, sync_config or SyncConfig())
         # image ↔ CameraInfo, per camera (used by on_image / on_camera_info; a node whose
         # message_filters pairs them itself calls on_camera directly)
@@ -520,6 +734,8 @@ class PipelineRunner:
     def on_camera(self, name: str, image: Any, info: Any, optical_frame: str = "") -> None:
         now = self.clock()
         cam = CameraInput(name, image, info, optical_frame)
+        if self.teacher is not None and name in self.pairings:
+            self.teacher.submit(cam)      # its newest image, predicted at the teacher's own rate
         with self._lock:
             try:
                 stamp = cam.stamp_ns
@@ -581,13 +797,20 @@ class PipelineRunner:
             return None
         try:
             wanted = self.overlay_cameras() if self.overlay_cameras is not None else None
-            out = self.pipeline.process_frame(frame, self.tf_lookup, wanted)
+            preds, stale = self._matching_predictions(frame.stamp_ns)
+            out = self.pipeline.process_frame(frame, self.tf_lookup, wanted, preds)
+            out.teacher_stale = stale
         except Exception as exc:  # a bug must not kill the inference thread: report it
             out = PipelineOutput(frame.stamp_ns, "", "error", received_ns=frame.received_ns,
                                  error=f"internal error: {type(exc).__name__}: {exc}")
         now = self.clock()
         with self._lock:
             self.stats.on_output(out, now)
+            self.teacher_used.update(out.teacher_used.keys())     # counts per camera
+            self.teacher_stale.update(out.teacher_stale.keys())
+        for name, reason in out.fusion_skipped.items():
+            if reason.startswith("teacher prediction:"):
+                self._warn(("teacher", name, reason_kind(reason[19:])), f"camera '{name}': {reason}")
         if out.status == "error":
             self._warn(("error", reason_kind(out.error)), out.error)
         for name, reason in out.cameras_skipped.items():
@@ -600,8 +823,35 @@ class PipelineRunner:
         """A warning from outside the pipeline (e.g. TF fallbacks), throttled per ``key``."""
         self._warn(("external", key), text)
 
+    def _on_teacher_failure(self, name: str, reason: str) -> None:
+        self._warn(("teacher", name, reason_kind(reason)),
+                   f"camera '{name}': teacher prediction failed: {reason}")
+
+    def _matching_predictions(self, stamp_ns: int
+                              ) -> tuple[list[TeacherPrediction] | None, dict[str, float]]:
+        """Asynchronous teacher: the latest prediction per camera within ``teacher_max_age`` of
+        the sweep, and the ages (s) of the others (stale); (None, {}): the teacher is inline."""
+        if self.teacher is None:
+            return None, {}
+        used, stale = [], {}
+        for name, tp in self.teacher.latest().items():
+            age = stamp_ns - tp.prediction.stamp_ns
+            if abs(age) <= self.teacher_max_age_ns:
+                used.append(tp)
+            else:
+                stale[name] = age / 1e9
+        return used, stale
+
     def close(self) -> None:
         self.slot.close()
+        if self.teacher is not None:
+            self.teacher.close()
+
+    def reopen(self) -> None:
+        """Undo `close` (a managed node's next activation)."""
+        self.slot.reopen()
+        if self.teacher is not None:
+            self.teacher.reopen()
 
     # -- reporting -------------------------------------------------------------------------
     def diagnostics(self) -> DiagnosticReport:
@@ -614,6 +864,27 @@ class PipelineRunner:
                 report.values[f"camera.{name}.dropped[no CameraInfo yet]"] = str(c.no_info)
             if c.unmatched:
                 report.values[f"camera.{name}.dropped[no CameraInfo within slop]"] = str(c.unmatched)
+        worker = self.teacher
+        if worker is not None:
+            with worker._cond:
+                v = report.values
+                v["teacher.mode"] = "async"
+                v["teacher.predictions"] = str(worker.done)
+                v["teacher.replaced"] = str(worker.replaced)
+                v["teacher.latency_mean_s"] = f"{worker.times.mean('teacher'):.4f}"
+                v["teacher.latency_max_s"] = f"{worker.times.max('teacher'):.4f}"
+                v["teacher.decode_mean_s"] = f"{worker.times.mean('decode'):.4f}"
+                for (name, kind), n in sorted(worker.failed.items()):
+                    v[f"camera.{name}.teacher_failed[{kind}]"] = str(n)
+                if worker.last_failure:
+                    v["teacher.last_failure"] = worker.last_failure
+            with self._lock:
+                for name, n in sorted(self.teacher_used.items()):
+                    report.values[f"camera.{name}.teacher_used"] = str(n)
+                for name, n in sorted(self.teacher_stale.items()):
+                    report.values[f"camera.{name}.teacher_stale"] = str(n)
+        elif self.pipeline.fuses_inline and self.pairings:
+            report.values["teacher.mode"] = "inline"
         return report
 
     def _warn(self, key: Any, text: str) -> None:

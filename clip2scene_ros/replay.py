@@ -619,6 +619,7 @@ class Replay:
                                "points_in": out.points_in, "points_out": out.points_out,
                                "points_labeled": out.points_labeled, "dropped_nan": out.dropped_nan,
                                "cameras_used": out.cameras_used,
+                               "cameras_idle": list(out.cameras_idle),
                                "cameras_skipped": dict(out.cameras_skipped)}
         if out.status == "error" or out.cloud is None:
             self.dropped[f"pipeline error: {out.error.split(':')[0]}"] += 1

@@ -510,6 +510,7 @@ class _StubSegmenter:
     """Labels every point 0 and records the cameras it was given."""
 
     class_names = ["thing"]
+    consumes_cameras = True   # every camera is decoded and checked for it (none is idle)
 
     def __init__(self) -> None:
         self.cameras: list[str] = []

@@ -347,6 +347,9 @@ def test_node_uses_tf2_ros_and_message_filters_when_installed(ros, monkeypatch, 
         checkpoint, "/c2s_c", camera_info_policy="synchronized", slop=0.04, queue_size=7))
     outputs = []
     node._publish_output = outputs.append         # observe what would be published
+    # someone watches the overlay: the image is decoded and its transform looked up (an image
+    # nothing consumes is left idle, undecoded)
+    node.runner.overlay_cameras = lambda: {"front"}
     try:
         assert calls["listener_node"] is node and node.tf_buffer is calls["buffer"]
         (sync,) = calls["syncs"]

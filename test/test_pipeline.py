@@ -211,7 +211,9 @@ def test_overlays_only_for_the_cameras_asked_for(pipeline, nusc, factory):
     cams = [make_camera(nusc, factory, "front"), make_camera(nusc, factory, "front_copy")]
     out = pipeline.process(make_cloud(subsample(nusc.points), factory), cams,
                            overlay_cameras={"front_copy"})
-    assert out.cameras_used == ["front", "front_copy"] and set(out.overlays) == {"front_copy"}
+    # no teacher and no overlay wanted: "front" is not decoded (idle, not a skip)
+    assert out.cameras_used == ["front_copy"] and set(out.overlays) == {"front_copy"}
+    assert out.cameras_idle == ["front"] and out.cameras_skipped == {}
 
 
 def test_nan_points_are_dropped_and_counted(pipeline, nusc, factory):

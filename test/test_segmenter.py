@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from clip2scene_core.device import cpu_has_fast_bf16, resolve_precision
 from clip2scene_core.clip import ClipTeacher, Vocabulary
 from clip2scene_core.errors import CheckpointError, ConfigError
 from clip2scene_core.models import ModelConfig, VoxelBatch, build_model
@@ -170,6 +171,56 @@ def test_camera_fusion_uses_teacher_pixels(ckpt_path, data_dir):
     np.testing.assert_array_equal(fused.labels[seen_mask], expect)
     np.testing.assert_array_equal(fused.labels[~seen_mask], lidar_only.labels[~seen_mask])
     assert (fused.labels[seen_mask] != lidar_only.labels[seen_mask]).any()
+
+
+def test_camera_predictions_fused_later_equal_inline_fusion(ckpt_path, data_dir):
+    """predict_camera + segment(predictions=...) is the inline fusion split in two: same
+    labels and scores; each prediction is projected through its own calibration."""
+    info = pickle.loads((data_dir / SCENE / "n015-2018-07-24-11-22-45+0800.pkl").read_bytes())
+    cam = info["data_list"][0]["images"]["CAM_FRONT"]
+    img_path = next((data_dir / SCENE).glob("*__CAM_FRONT__*.jpg"))
+    import cv2
+    image = cv2.cvtColor(cv2.imread(str(img_path)), cv2.COLOR_BGR2RGB)
+    calib = Calibration(CameraModel(image.shape[1], image.shape[0], np.asarray(cam["cam2img"])[:3, :3],
+                                    distortion_model="none"), np.asarray(cam["lidar2cam"]))
+    frame = CameraFrame("CAM_FRONT", image, calib, stamp_ns=7)
+    scan = _scan(data_dir, step=4)
+    seg = Segmenter.load(ckpt_path, device="cpu", teacher=ClipTeacher.from_config(TINY_CLIP, seed=1))
+    inline = seg.segment(scan, [frame])
+    pred = seg.predict_camera(frame)
+    assert pred.name == "CAM_FRONT" and pred.stamp_ns == 7 and pred.features.dtype == torch.float32
+    assert pred.precision == ("bf16" if cpu_has_fast_bf16() else "fp32") and pred.seconds > 0
+    later = seg.segment(scan, predictions=[pred])
+    np.testing.assert_array_equal(later.labels, inline.labels)
+    np.testing.assert_allclose(later.scores, inline.scores, rtol=1e-5, atol=1e-6)
+    assert later.info["cameras_used"] == ["CAM_FRONT"]
+    assert later.info["points_seen_by_cameras"] == inline.info["points_seen_by_cameras"]
+    # the calibration that maps this sweep into the image is the prediction's own: with the
+    # camera 10 km ahead, every point is behind it and the sweep is LiDAR-only
+    far = np.asarray(cam["lidar2cam"], dtype=np.float64).copy()
+    far[2, 3] -= 1e4
+    away = seg.segment(scan, predictions=[pred.with_calibration(Calibration(calib.camera, far))])
+    assert away.info["cameras_skipped"] == [("CAM_FRONT", "no point projects into the image")]
+    lidar_only = Segmenter.load(ckpt_path, device="cpu").segment(scan)
+    np.testing.assert_array_equal(away.labels, lidar_only.labels)
+    # fusion off: predictions are ignored as frames are
+    off = Segmenter.load(ckpt_path, device="cpu", config=SegmenterConfig(camera_fusion=False))
+    np.testing.assert_array_equal(off.segment(scan, predictions=[pred]).labels, lidar_only.labels)
+    with pytest.raises(ConfigError):
+        off.predict_camera(frame)          # no teacher
+
+
+def test_teacher_precision_choice():
+    cpu = torch.device("cpu")
+    # auto: bf16 only where the CPU has it natively (emulated bf16 is ~10x slower than fp32)
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    for bad in ("fp8", "half"):
+        with pytest.raises(ConfigError):
+            resolve_precision(bad, cpu)
+    with pytest.raises(ConfigError):
+        resolve_precision("fp16", cpu)
 
 
 def test_vocabulary_from_saved_embedding_file(ckpt_path, data_dir, tmp_path):

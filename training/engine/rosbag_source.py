@@ -29,6 +29,8 @@ class _Recorder:
         self.every = max(int(every), 1)
         self.seen = 0
         self.frames: list[tuple[Any, list[Any], int]] = []
+        # the replay pipeline decodes and calibrates camera images only for a consumer
+        self.consumes_cameras = True
 
     def segment(self, scan, cameras=()):
         if self.seen % self.every == 0:
