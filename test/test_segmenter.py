@@ -139,14 +139,21 @@ def test_vocabulary_swap_at_run_time(ckpt_path, data_dir, tmp_path):
                                F.normalize(teacher.text_embeddings(seg.vocabulary), dim=1))
 
 
-def test_camera_fusion_uses_teacher_pixels(ckpt_path, data_dir):
+def _front_camera(data_dir: Path) -> tuple[np.ndarray, Calibration]:
+    """The real CAM_FRONT image of the scene and its calibration from the mmdet3d info file."""
+    import cv2
+
     info = pickle.loads((data_dir / SCENE / "n015-2018-07-24-11-22-45+0800.pkl").read_bytes())
     cam = info["data_list"][0]["images"]["CAM_FRONT"]
     img_path = next((data_dir / SCENE).glob("*__CAM_FRONT__*.jpg"))
-    import cv2
     image = cv2.cvtColor(cv2.imread(str(img_path)), cv2.COLOR_BGR2RGB)
     calib = Calibration(CameraModel(image.shape[1], image.shape[0], np.asarray(cam["cam2img"])[:3, :3],
                                     distortion_model="none"), np.asarray(cam["lidar2cam"]))
+    return image, calib
+
+
+def test_camera_fusion_uses_teacher_pixels(ckpt_path, data_dir):
+    image, calib = _front_camera(data_dir)
     frame = CameraFrame("CAM_FRONT", image, calib)
     scan = _scan(data_dir, step=2)
     teacher = ClipTeacher.from_config(TINY_CLIP, seed=1)
@@ -176,13 +183,7 @@ def test_camera_fusion_uses_teacher_pixels(ckpt_path, data_dir):
 def test_camera_predictions_fused_later_equal_inline_fusion(ckpt_path, data_dir):
     """predict_camera + segment(predictions=...) is the inline fusion split in two: same
     labels and scores; each prediction is projected through its own calibration."""
-    info = pickle.loads((data_dir / SCENE / "n015-2018-07-24-11-22-45+0800.pkl").read_bytes())
-    cam = info["data_list"][0]["images"]["CAM_FRONT"]
-    img_path = next((data_dir / SCENE).glob("*__CAM_FRONT__*.jpg"))
-    import cv2
-    image = cv2.cvtColor(cv2.imread(str(img_path)), cv2.COLOR_BGR2RGB)
-    calib = Calibration(CameraModel(image.shape[1], image.shape[0], np.asarray(cam["cam2img"])[:3, :3],
-                                    distortion_model="none"), np.asarray(cam["lidar2cam"]))
+    image, calib = _front_camera(data_dir)
     frame = CameraFrame("CAM_FRONT", image, calib, stamp_ns=7)
     scan = _scan(data_dir, step=4)
     seg = Segmenter.load(ckpt_path, device="cpu", teacher=ClipTeacher.from_config(TINY_CLIP, seed=1))
@@ -197,7 +198,7 @@ def test_camera_predictions_fused_later_equal_inline_fusion(ckpt_path, data_dir)
     assert later.info["points_seen_by_cameras"] == inline.info["points_seen_by_cameras"]
     # the calibration that maps this sweep into the image is the prediction's own: with the
     # camera 10 km ahead, every point is behind it and the sweep is LiDAR-only
-    far = np.asarray(cam["lidar2cam"], dtype=np.float64).copy()
+    far = np.asarray(calib.lidar_to_camera, dtype=np.float64).copy()
     far[2, 3] -= 1e4
     away = seg.segment(scan, predictions=[pred.with_calibration(Calibration(calib.camera, far))])
     assert away.info["cameras_skipped"] == [("CAM_FRONT", "no point projects into the image")]

@@ -18,34 +18,14 @@ from clip2scene_ros.msgs import MessageFactory
 from clip2scene_ros.pipeline import PipelineConfig, PipelineRunner, SegmentationPipeline
 from clip2scene_ros.sync import SyncConfig
 
-from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, load_nuscenes, make_camera, make_cloud,
-                           make_lookup, subsample, tiny_checkpoint, tiny_teacher)
+from test_node_logic import FakeClock, checkpoint, factory, nusc  # noqa: F401  (shared fixtures)
+from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, make_camera, make_cloud, make_lookup,
+                           subsample, tiny_teacher)
 
 MS = 1_000_000
 AGE = (LIDAR_STAMP - FRONT_STAMP) / 1e9      # the front image is 35.5 ms older than the sweep
 
 
-class FakeClock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def factory():
-    return MessageFactory.from_rosbags()
-
-
-@pytest.fixture(scope="module")
-def nusc(data_dir):
-    return load_nuscenes(data_dir)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture
