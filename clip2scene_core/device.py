@@ -1,6 +1,8 @@
 """Device choice shared by the segmenter, the CLIP teacher and training."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import ConfigError
@@ -25,13 +27,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-
 #: precisions of the CLIP teacher's image forward (``teacher_precision``)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16).
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16); read once per
+    process (the teacher asks for every image).
 
     Without them oneDNN emulates bf16 and autocast is *slower* than fp32 (about 10× measured
     on an AVX2 AMD EPYC), so "auto" must not choose it there. torch's dispatch level

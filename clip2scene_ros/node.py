@@ -40,21 +40,17 @@ from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
-from clip2scene_core.errors import Clip2SceneError, TransformError
+from clip2scene_core.errors import Clip2SceneError, ConfigError, TransformError
 from clip2scene_core.threads import prepare_openmp
 
 from .label_info import label_classes_json, label_info_entries
 from .msgs import MessageFactory
-from .node_config import (NODE_NAME, NodeConfig, ParamSpec, camera_specs, from_parameters,
-                          parameter_specs, to_parameters)
+from .node_config import (NODE_NAME, NodeConfig, ParamSpec, camera_specs, check_type,
+                          from_parameters, parameter_specs, to_parameters)
 from .pipeline import PipelineRunner, build_pipeline, load_segmenter
 from .sync import PAIR_SYNCHRONIZED
 from .tf import ListenerBuffer, Tf2Backend, TfResolver
 
-MANAGED_NODE_NAME = NODE_NAME
-_PARAM_TYPES = {str: Parameter.Type.STRING, int: Parameter.Type.INTEGER,
-                float: Parameter.Type.DOUBLE, bool: Parameter.Type.BOOL,
-                list: Parameter.Type.STRING_ARRAY}
 #: latched: late subscribers still get the current vocabulary
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -124,12 +120,10 @@ class SegmenterMixin:
         for param in params:
             if param.name != "class_names" or getattr(self._local, "internal", False):
                 continue
-            value = param.value
-            if value is None or not isinstance(value, (list, tuple)) or \
-                    not all(isinstance(v, str) for v in value):
-                return SetParametersResult(successful=False,
-                                           reason=f"class_names must be a list of strings, got {value!r}")
-            names = [str(v).strip() for v in value]
+            try:
+                names = [v.strip() for v in check_type(param.name, param.value, list)]
+            except ConfigError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
             if self.pipeline is None:
                 return SetParametersResult(successful=False,
                                            reason="the model is not loaded (configure the node first)")
@@ -374,7 +368,7 @@ def _lifecycle_node_class() -> type:
         """The managed variant: configure loads the model, activate starts processing,
         deactivate stops it (model moved off the GPU), cleanup unloads it."""
 
-        def __init__(self, node_name: str = MANAGED_NODE_NAME, **kwargs: Any) -> None:
+        def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
             super().__init__(node_name, **kwargs)
             self.cfg = self._declare_parameters()
 

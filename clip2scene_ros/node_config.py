@@ -243,7 +243,8 @@ def camera_specs(name: str) -> list[ParamSpec]:
             for key, desc in CAMERA_FIELDS.items()]
 
 
-def _check_type(name: str, value: Any, tp: type) -> Any:
+def check_type(name: str, value: Any, tp: type) -> Any:
+    """`value` as parameter type `tp` (an int is fine for a float), else a ConfigError naming it."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {value!r}")
@@ -281,11 +282,11 @@ def from_parameters(params: dict[str, Any]) -> NodeConfig:
         if name in ROS_STANDARD_PARAMETERS or name.startswith("qos_overrides."):
             continue
         if name in specs:
-            top[name] = _check_type(name, value, specs[name].type)
+            top[name] = check_type(name, value, specs[name].type)
             continue
         parts = name.split(".")
         if len(parts) == 3 and parts[0] == CAMERA_PREFIX and parts[2] in CAMERA_FIELDS:
-            cams.setdefault(parts[1], {})[parts[2]] = _check_type(name, value, str)
+            cams.setdefault(parts[1], {})[parts[2]] = check_type(name, value, str)
             continue
         unknown.append(name)
     if unknown:

@@ -675,6 +675,14 @@ class TeacherWorker:
         return TeacherPrediction(pred, optical), {"decode": t1 - t0, "teacher": t2 - t1}, ""
 
 
+def _stamp_or(msg: Any, now_ns: int) -> int:
+    """A message's header stamp (ns), or the arrival time when it has no readable header."""
+    try:
+        return header_stamp_ns(msg)
+    except (AttributeError, TypeError):
+        return now_ns
+
+
 class PipelineRunner:
     """The node's logic without rclpy: callbacks → sync → newest-frame slot → pipeline.
 
@@ -725,10 +733,7 @@ class PipelineRunner:
         now = self.clock()
         with self._lock:
             self.stats.on_input(now)
-            try:
-                stamp = header_stamp_ns(msg)
-            except (AttributeError, TypeError):
-                stamp = now
+            stamp = _stamp_or(msg, now)
             self._offer(self.sync.add_lidar(msg, stamp, now))
 
     def on_camera(self, name: str, image: Any, info: Any, optical_frame: str = "") -> None:
@@ -737,10 +742,7 @@ class PipelineRunner:
         if self.teacher is not None and name in self.pairings:
             self.teacher.submit(cam)      # its newest image, predicted at the teacher's own rate
         with self._lock:
-            try:
-                stamp = cam.stamp_ns
-            except (AttributeError, TypeError):
-                stamp = now
+            stamp = _stamp_or(image, now)
             self._offer(self.sync.add_camera(name, cam, stamp, now))
 
     def on_image(self, name: str, image: Any, optical_frame: str = "") -> None:
@@ -750,10 +752,7 @@ class PipelineRunner:
             return
         now = self.clock()
         self._optical_frames[name] = optical_frame
-        try:
-            stamp = header_stamp_ns(image)
-        except (AttributeError, TypeError):
-            stamp = now
+        stamp = _stamp_or(image, now)
         before = pairing.counters.no_info
         for img, info in pairing.on_image(image, stamp, now):
             self.on_camera(name, img, info, optical_frame)
@@ -768,10 +767,7 @@ class PipelineRunner:
         if pairing is None:
             return
         now = self.clock()
-        try:
-            stamp = header_stamp_ns(info)
-        except (AttributeError, TypeError):
-            stamp = now
+        stamp = _stamp_or(info, now)
         for img, paired in pairing.on_info(info, stamp, now):
             self.on_camera(name, img, paired, self._optical_frames.get(name, ""))
 

@@ -16,7 +16,6 @@ import types
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import pytest
 import torch
 import yaml

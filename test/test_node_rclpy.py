@@ -14,7 +14,6 @@ the tf2_ros / message_filters code path runs with stand-ins for just those two p
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,8 +27,9 @@ import numpy as np
 import pytest
 
 if os.environ.get("CLIP2SCENE_REQUIRE_ROS") == "1":
-    import rclpy  # noqa: F401  (a failure here is the point: make test promises real ROS 2)
-rclpy = pytest.importorskip("rclpy")
+    import rclpy  # a failure here is the point: make test promises real ROS 2
+else:
+    rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.srv import GetParameters  # noqa: E402

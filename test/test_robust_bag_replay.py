@@ -178,7 +178,6 @@ def test_safe_child_names():
     assert safe_child(root, "", taken, "scene") == root / "scene-3"
     assert safe_child(root, "scene-0061", taken) == root / "scene-0061"
     assert safe_child(root, "SCENE-0061", taken) == root / "SCENE-0061-2"   # case-insensitive FS
-    assert nuscenes_to_bag._safe_name("..") == "scene"
 
 
 def test_segment_cli_same_file_name_in_two_folders(tmp_path, data_dir, nus_ckpt, capsys):

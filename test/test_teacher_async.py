@@ -14,7 +14,6 @@ import torch
 
 from clip2scene_core.segmenter import Segmenter
 from clip2scene_ros import pipeline as pipeline_mod
-from clip2scene_ros.msgs import MessageFactory
 from clip2scene_ros.pipeline import PipelineConfig, PipelineRunner, SegmentationPipeline
 from clip2scene_ros.sync import SyncConfig
 

@@ -187,11 +187,6 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
     return summary
 
 
-def _safe_name(scene: str) -> str:
-    """A scene name or token as one folder name (never ``.``/``..``, a separator or empty)."""
-    return safe_child(Path("."), scene, default="scene").name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = converter_parser(__doc__)
     p.add_argument("--root", required=True, type=Path, help="nuScenes data root (samples/, sweeps/, tables)")
