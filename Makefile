@@ -39,10 +39,12 @@ $(VENV)/.ros-stamp: requirements-ros.txt $(ROS_INTERFACE_FILES) | $(VENV)/.stamp
 ros: $(VENV)/.ros-stamp
 
 demo: venv
-	$(PY) -m clip2scene_ros.demo --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m training.demo --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 # CLIP2SCENE_REQUIRE_ROS=1: a missing rclpy fails the ROS tests instead of skipping them.
+# ruff first (rules in ruff.toml): a lint error fails the run before the long suite starts.
 test: venv ros
+	$(VENV)/bin/ruff check .
 	CLIP2SCENE_REQUIRE_ROS=1 $(PY) -m pytest -q test
 
 bench: venv

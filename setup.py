@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="CLIP2Scene open-vocabulary LiDAR segmentation for ROS 2",
     packages=find_packages(include=["clip2scene_core", "clip2scene_core.*",
-                                    "clip2scene_ros", "clip2scene_ros.*"]),
+                                    "clip2scene_ros", "clip2scene_ros.*",
+                                    "training", "training.*"]),
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -33,6 +34,13 @@ setup(
             # the same tools under CLI names for use outside ROS
             "clip2scene-replay = clip2scene_ros.replay:main",
             "clip2scene-segment = clip2scene_core.cli:main",
+            # offline: training, dataset → bag converters, the end-to-end demo
+            "clip2scene-pretrain = training.pretrain:main",
+            "clip2scene-finetune = training.finetune:main",
+            "clip2scene-evaluate = training.evaluate:main",
+            "clip2scene-nuscenes-to-bag = training.tools.nuscenes_to_bag:main",
+            "clip2scene-semantickitti-to-bag = training.tools.semantickitti_to_bag:main",
+            "clip2scene-demo = training.demo:main",
         ],
     },
 )

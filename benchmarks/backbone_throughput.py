@@ -2,8 +2,8 @@
 
 For every available sparse backend/device and every backbone it prints points/s of the
 forward pass (eval mode, no grad, kernel maps built inside the timed forward as in
-deployment; best of ``--repeats`` runs, median too), the useful FLOPs (Σ over conv layers of pairs × Cin × Cout × 2, plus the
-SPVCNN point-branch linears), the dense matmul FLOP/s measured in the same run, and
+deployment; best of ``--repeats`` runs, median too), the useful FLOPs (Σ over conv layers of
+pairs × Cin × Cout × 2, plus the SPVCNN point-branch linears), the dense matmul FLOP/s measured in the same run, and
 time / (FLOPs / GEMM FLOP/s): 1.0 would mean the network runs at dense-GEMM speed.
 On CPU the same ratio is also given in process CPU time, which a shared, oversubscribed
 machine inflates much less than wall time. ``--threads 1`` gives the steadiest figures there
@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from clip2scene_core.models import BACKBONES, ModelConfig, VoxelBatch, build_model
+from clip2scene_core.sparse import Conv3d, backend_name, torchsparse_available
+from clip2scene_core.types import Scan
+from clip2scene_core.voxelize import VoxelConfig, voxelize
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from clip2scene_core.models import BACKBONES, ModelConfig, VoxelBatch, build_model  # noqa: E402
-from clip2scene_core.sparse import Conv3d, backend_name, torchsparse_available  # noqa: E402
-from clip2scene_core.types import Scan  # noqa: E402
-from clip2scene_core.voxelize import VoxelConfig, voxelize  # noqa: E402
-
-SCAN = ROOT / "test/data/nuscenes/mmdet3d_demo_scene-0061/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin"
+SCAN = (ROOT / "test/data/nuscenes/mmdet3d_demo_scene-0061"
+        / "n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin")
 
 
 def sync(device: torch.device) -> None:

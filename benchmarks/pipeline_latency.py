@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,19 +22,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clip2scene_core.checkpoint import Checkpoint
+from clip2scene_core.clip.vocabulary import Vocabulary
+from clip2scene_core.datasets.base import load_points_bin
+from clip2scene_core.threads import set_cpu_threads
+from clip2scene_core.models import ModelConfig, build_model
+from clip2scene_core.segmenter import Segmenter, SegmenterConfig
+from clip2scene_core.voxelize import VoxelConfig
+from clip2scene_ros.msgs import MessageFactory, make_header
+from clip2scene_ros.pipeline import PipelineConfig, SegmentationPipeline
+from clip2scene_ros.pointcloud2 import FLOAT32, create_cloud, make_point_field
 
-from clip2scene_core.checkpoint import Checkpoint  # noqa: E402
-from clip2scene_core.clip.vocabulary import Vocabulary  # noqa: E402
-from clip2scene_core.datasets.base import load_points_bin  # noqa: E402
-from clip2scene_core.threads import set_cpu_threads  # noqa: E402
-from clip2scene_core.models import ModelConfig, build_model  # noqa: E402
-from clip2scene_core.segmenter import Segmenter, SegmenterConfig  # noqa: E402
-from clip2scene_core.voxelize import VoxelConfig  # noqa: E402
-from clip2scene_ros.msgs import MessageFactory, make_header  # noqa: E402
-from clip2scene_ros.pipeline import PipelineConfig, SegmentationPipeline  # noqa: E402
-from clip2scene_ros.pointcloud2 import FLOAT32, create_cloud, make_point_field  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "test" / "data"
 SCANS = {
@@ -58,6 +56,7 @@ def cloud_of(points: np.ndarray, factory: MessageFactory):
               for i, n in enumerate(("x", "y", "z", "intensity"))]
     return create_cloud(make_header(0, "lidar", factory), fields,
                         np.ascontiguousarray(points[:, :4], dtype=np.float32), msg_factory=factory)
+
 
 
 def pipelines(name: str, factory: MessageFactory) -> dict[str, SegmentationPipeline]:

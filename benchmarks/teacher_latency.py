@@ -22,6 +22,7 @@ teacher's own time per image. Figures only; nothing asserted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -30,24 +31,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clip2scene_core.checkpoint import Checkpoint
+from clip2scene_core.clip import ClipTeacher
+from clip2scene_core.clip.vocabulary import Vocabulary
+from clip2scene_core.device import cpu_has_fast_bf16
+from clip2scene_core.models import ModelConfig, build_model
+from clip2scene_core.segmenter import Segmenter, SegmenterConfig
+from clip2scene_core.threads import set_cpu_threads
+from clip2scene_core.voxelize import VoxelConfig
+from clip2scene_ros.msgs import MessageFactory
+from clip2scene_ros.pipeline import PipelineConfig, SegmentationPipeline
+from clip2scene_ros.runner import PipelineRunner
+from clip2scene_ros.sync import SyncConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "test"))
 
-from clip2scene_core.checkpoint import Checkpoint  # noqa: E402
-from clip2scene_core.clip import ClipTeacher  # noqa: E402
-from clip2scene_core.clip.vocabulary import Vocabulary  # noqa: E402
-from clip2scene_core.device import cpu_has_fast_bf16  # noqa: E402
-from clip2scene_core.models import ModelConfig, build_model  # noqa: E402
-from clip2scene_core.segmenter import Segmenter, SegmenterConfig  # noqa: E402
-from clip2scene_core.threads import set_cpu_threads  # noqa: E402
-from clip2scene_core.voxelize import VoxelConfig  # noqa: E402
-from clip2scene_ros.msgs import MessageFactory  # noqa: E402
-from clip2scene_ros.pipeline import PipelineConfig, PipelineRunner, SegmentationPipeline  # noqa: E402
-from clip2scene_ros.sync import SyncConfig  # noqa: E402
 
-from test_pipeline import (TEXT_CFG, load_nuscenes, make_camera, make_cloud,  # noqa: E402
-                           make_lookup)
+def _test_helpers():
+    """test/test_pipeline.py (its real-frame loaders and message builders), loaded by path:
+    the tests are not a package."""
+    spec = importlib.util.spec_from_file_location("test_pipeline", ROOT / "test" / "test_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+_helpers = _test_helpers()
+TEXT_CFG, load_nuscenes, make_camera, make_cloud, make_lookup = (
+    _helpers.TEXT_CFG, _helpers.load_nuscenes, _helpers.make_camera, _helpers.make_cloud, _helpers.make_lookup)
 
 MS = 1_000_000
 RANGE = (-60.0, -60.0, -5.0, 60.0, 60.0, 5.0)

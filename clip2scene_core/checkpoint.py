@@ -1,143 +1,34 @@
 """Deployable checkpoints: backbone weights + model config + vocabulary + text embeddings.
 
-One versioned file is everything the node, the replay tool and evaluation need. Files are
-written atomically (temporary file + rename) so a crash never leaves a half-written
-checkpoint, and read with ``weights_only=True`` so loading never executes pickled code.
-
-Integrity: every file carries a SHA-256 of its whole content (tensor bytes, dtypes, shapes
-and all metadata; key ``sha256``), verified on load, because torch does not check the zip
-CRC: one flipped byte would otherwise change a weight silently. Files written before the
-digest existed load with a warning (no integrity check). Weights, text embeddings and the
-logit scale must be finite, when saving and when loading. Training state files
-(``training/engine/state.py``) and text-embedding files (``clip/text_bank.py``) use the same
-digest.
+One versioned file is everything the node, the replay tool and evaluation need, written and
+read through `clip2scene_core.versioned` (atomic writes, ``weights_only`` reads, a content
+digest verified on load, the same errors as every other versioned file). Weights, text
+embeddings and the logit scale must be finite, when saving and when loading.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_torch_save
 from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError
+# the digest and finiteness helpers keep their historical home here too
+from .versioned import (DIGEST_KEY, FileKind, check_finite, load_versioned, nonfinite_tensors,
+                        payload_digest, save_versioned, seal, verify_digest)
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_KIND", "Checkpoint",
+           "save_checkpoint", "load_checkpoint", "DIGEST_KEY", "payload_digest", "seal",
+           "verify_digest", "nonfinite_tensors", "check_finite"]
 
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
 CHECKPOINT_VERSION = 1
-#: key of the content digest inside checkpoints, training states and text-embedding files
-DIGEST_KEY = "sha256"
-
-log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- content digest
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
-    """Feed one value into ``h`` in a canonical, type-tagged, length-prefixed form."""
-    def put(tag: bytes, data: bytes | memoryview) -> None:
-        h.update(tag)
-        h.update(memoryview(data).nbytes.to_bytes(8, "little"))
-        h.update(data)
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
-        t = t.cpu().contiguous()
-        put(b"T", f"{t.dtype}|{tuple(t.shape)}".encode())
-        put(b"t", memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
-    elif isinstance(obj, dict):
-        items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
-        put(b"D", str(len(items)).encode())
-        for k, v in items:
-            _feed(h, k)
-            _feed(h, v)
-    elif isinstance(obj, (list, tuple)):
-        put(b"L", str(len(obj)).encode())
-        for v in obj:
-            _feed(h, v)
-    elif obj is None:
-        put(b"N", b"")
-    elif isinstance(obj, bool):
-        put(b"b", b"1" if obj else b"0")
-    elif isinstance(obj, int):
-        put(b"I", str(int(obj)).encode())
-    elif isinstance(obj, float):
-        put(b"F", float(obj).hex().encode())
-    elif isinstance(obj, str):
-        put(b"S", obj.encode("utf-8", "surrogatepass"))
-    elif isinstance(obj, (bytes, bytearray)):
-        put(b"B", bytes(obj))
-    else:                                   # torch.dtype, torch.device, ...: their repr is stable
-        put(b"O", f"{type(obj).__module__}.{type(obj).__qualname__}:{obj!r}".encode())
-
-
-def payload_digest(payload: dict[str, Any]) -> str:
-    """SHA-256 (hex) of everything in ``payload`` except its own ``DIGEST_KEY`` entry."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k != DIGEST_KEY})
-    return h.hexdigest()
-
-
-def seal(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` plus its content digest (what is written to disk)."""
-    return {**{k: v for k, v in payload.items() if k != DIGEST_KEY}, DIGEST_KEY: payload_digest(payload)}
-
-
-_warned_legacy: set[str] = set()
-
-
-def verify_digest(data: dict[str, Any], path: str | Path, what: str = "checkpoint") -> bool:
-    """Check the stored content digest; CheckpointError naming ``path`` on a mismatch.
-
-    Returns False (after one warning per file) for files written before digests existed."""
-    stored = data.get(DIGEST_KEY)
-    if stored is None:
-        key = str(path)
-        if key not in _warned_legacy:
-            _warned_legacy.add(key)
-            log.warning("%s: %s has no content digest (written by an older version): loaded without "
-                        "an integrity check; save it again to add one", path, what)
-        return False
-    actual = payload_digest(data)
-    if not isinstance(stored, str) or stored != actual:
-        raise CheckpointError(
-            f"{path}: {what} is damaged or was modified after it was written: its content digest "
-            f"does not match (stored sha256 {str(stored)[:16]}..., content {actual[:16]}...)")
-    return True
-
-
-# ----------------------------------------------------------------------------- finiteness
-def nonfinite_tensors(tensors: dict[str, Any], prefix: str = "") -> list[str]:
-    """Names (``prefix`` + key, with the count of bad values) of floating tensors holding
-    NaN or inf; nested dicts are walked."""
-    bad: list[str] = []
-    for k, v in tensors.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            bad.extend(nonfinite_tensors(v, f"{name}."))
-        elif isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
-            n = int((~torch.isfinite(v.detach())).sum())
-            if n:
-                bad.append(f"{name} ({n} of {v.numel()} values)")
-    return bad
-
-
-def _describe(bad: list[str], limit: int = 5) -> str:
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return ", ".join(bad[:limit]) + more
-
-
-def check_finite(tensors: dict[str, Any], where: str, action: str = "refused") -> None:
-    """CheckpointError naming every tensor of ``tensors`` that holds NaN or inf."""
-    bad = nonfinite_tensors(tensors)
-    if bad:
-        raise CheckpointError(f"{where}: non-finite values (NaN/inf) in {_describe(bad)}; {action}")
+CHECKPOINT_KIND = FileKind(CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint",
+                           required=("model_config", "state_dict", "vocabulary",
+                                     "text_embeddings", "clip_model"))
 
 
 def _check_logit_scale(extra: dict[str, Any], where: str, action: str) -> None:
@@ -169,8 +60,6 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
                  "not written (training diverged?)")
     _check_logit_scale(dict(ckpt.extra or {}), where, "not written")
     payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
         "model_config": to_dict(ckpt.model_config),
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
         "vocabulary": ckpt.vocabulary.to_dict(),
@@ -178,31 +67,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "clip_model": str(ckpt.clip_model),
         "extra": to_dict(ckpt.extra),
     }
-    atomic_torch_save(seal(payload), path)
-
-
-def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
-    except Exception as exc:  # the unpickler raises many types on hostile/garbled input
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a clip2scene checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    version = data.get("version")
-    if version != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version} is not supported (this build reads "
-            f"version {CHECKPOINT_VERSION})")
-    missing = [k for k in ("model_config", "state_dict", "vocabulary", "text_embeddings", "clip_model")
-               if k not in data]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
-    verify_digest(data, path, "checkpoint")
-    return data
+    save_versioned(path, CHECKPOINT_KIND, payload)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -211,7 +76,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     from .models import ModelConfig
 
     path = Path(path)
-    data = _read(path, map_location)
+    data, _ = load_versioned(path, CHECKPOINT_KIND, map_location)
     try:
         model_config = from_dict(ModelConfig, data["model_config"], "model_config")
         vocabulary = Vocabulary.from_dict(data["vocabulary"])

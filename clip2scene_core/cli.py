@@ -1,13 +1,15 @@
-"""``clip2scene-segment``: label point-cloud files with a checkpoint, outside ROS.
+"""Command lines: :func:`start_cli`, the preamble every entry point runs first, and
+``clip2scene-segment``, which labels point-cloud files with a checkpoint, outside ROS.
 
-Reads KITTI/nuScenes-style ``.bin`` (float32 × len(fields)) or ``.npy`` (N, C) files, writes
-per-point labels (``.labels.npy``, int16, -1 = dropped), scores (``.scores.npy``) and a
-bird's-eye-view PNG per file, and prints the class histogram.
+``clip2scene-segment`` reads KITTI/nuScenes-style ``.bin`` (float32 × len(fields)) or ``.npy``
+(N, C) files, writes per-point labels (``.labels.npy``, int16, -1 = dropped), scores
+(``.scores.npy``) and a bird's-eye-view PNG per file, and prints the class histogram.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,6 +21,23 @@ from .datasets.base import load_points_bin
 from .errors import Clip2SceneError, ConfigError, InvalidPointCloudError
 from .threads import prepare_openmp
 from .types import Scan
+
+#: log line of the tools (segment, replay, demo, dataset → bag): level, logger, message
+TOOL_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: log line of the long-running training commands: with the time
+TRAINING_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+
+def start_cli(level: int = logging.WARNING, log_format: str = TOOL_LOG_FORMAT) -> None:
+    """What every command-line entry point does first, before it parses its arguments.
+
+    OpenMP workers wait passively (``threads.prepare_openmp``; effective when torch is not
+    loaded yet, so entry-point modules import torch lazily where they can) and log records go
+    to stderr as ``log_format`` at ``level``. Torch's thread count is set later, from the
+    command's own option or config (``threads.set_cpu_threads``, the training run config).
+    """
+    prepare_openmp()
+    logging.basicConfig(level=level, format=log_format)
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
@@ -67,7 +86,7 @@ def output_stems(paths: list[Path]) -> list[str]:
     except ValueError:
         common = Path("/")
     out, taken = [], set()
-    for p, r, stem in zip(paths, resolved, stems):
+    for r, stem in zip(resolved, stems):
         name = stem
         if stem.lower() in clash:
             rel = r.parent.relative_to(common) if r.parent.is_relative_to(common) else r.parent
@@ -84,8 +103,8 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
-    ap = argparse.ArgumentParser(prog="clip2scene-segment", description=__doc__)
+    start_cli()
+    ap = argparse.ArgumentParser(prog="clip2scene-segment", description=__doc__.split("\n\n", 1)[1])
     ap.add_argument("inputs", nargs="+", type=Path, help="point files (.bin / .npy)")
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--fields", default="x,y,z,intensity",

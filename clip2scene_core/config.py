@@ -22,6 +22,40 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+#: the scalar types `check_scalar` knows (YAML configs and ROS parameters alike)
+SCALAR_TYPES: tuple[type, ...] = (bool, int, float, str, Path)
+
+
+def check_scalar(value: Any, tp: type, path: str) -> Any:
+    """``value`` as scalar ``tp`` (one of `SCALAR_TYPES`), else a ConfigError naming ``path``.
+
+    The one type check of configuration values, shared by the YAML loader (`from_dict`) and
+    the node's ROS parameters (``clip2scene_ros.node_config.check_type``): an integer is fine
+    for a float, a bool is never a number, a path may be given as a string.
+    """
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{path}: expected a path, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Convert a YAML value to ``tp`` (dataclass, Optional, list, tuple, dict, scalars)."""
     origin = typing.get_origin(tp)
@@ -65,26 +99,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         kt, vt = (args or (Any, Any))
         return {_convert(k, kt, f"{path}.<key>"): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{path}: expected a path, got {value!r}")
-        return Path(value)
+    if tp in SCALAR_TYPES:
+        return check_scalar(value, tp, path)
     return value
 
 

@@ -1,7 +1,7 @@
 """Per-class colours for renders and the PointCloud2 ``rgb`` field.
 
 Known benchmark classes keep the colours people recognise from the nuScenes devkit and the
-SemanticKITTI ``semantic-kitti.yaml`` (converted from its BGR to RGB), so a render can be
+SemanticKITTI ``semantic-kitti.yaml`` (``clip2scene_core.label_spaces``), so a render can be
 compared with published figures at a glance. Names outside those presets (open-vocabulary
 prompts) get generated colours: golden-ratio hue steps, each kept away from the colours
 already handed out, and a pure function of the class list, so the same vocabulary always
@@ -10,89 +10,33 @@ renders the same way.
 from __future__ import annotations
 
 import colorsys
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from .label_spaces import LABEL_SPACES, NUSCENES16, SEMANTICKITTI19, class_key
+
 #: colour of points without a label (-1: dropped / outside the voxel range / ignored)
 UNLABELED_COLOR: tuple[int, int, int] = (128, 128, 128)
 
-#: nuScenes-lidarseg 16 evaluation classes (devkit colormap)
-NUSCENES16_COLORS: dict[str, tuple[int, int, int]] = {
-    "barrier": (112, 128, 144),
-    "bicycle": (220, 20, 60),
-    "bus": (255, 127, 80),
-    "car": (255, 158, 0),
-    "construction_vehicle": (233, 150, 70),
-    "motorcycle": (255, 61, 99),
-    "pedestrian": (0, 0, 230),
-    "traffic_cone": (47, 79, 79),
-    "trailer": (255, 140, 0),
-    "truck": (255, 99, 71),
-    "driveable_surface": (0, 207, 191),
-    "other_flat": (175, 0, 75),
-    "sidewalk": (75, 0, 75),
-    "terrain": (112, 180, 60),
-    "manmade": (222, 184, 135),
-    "vegetation": (0, 175, 0),
-}
+#: conventional colours by dataset class name (the records in ``clip2scene_core.label_spaces``)
+NUSCENES16_COLORS: dict[str, tuple[int, int, int]] = NUSCENES16.colors()
+SEMANTICKITTI19_COLORS: dict[str, tuple[int, int, int]] = SEMANTICKITTI19.colors()
 
-#: SemanticKITTI 19 evaluation classes (semantic-kitti.yaml color_map, BGR → RGB)
-SEMANTICKITTI19_COLORS: dict[str, tuple[int, int, int]] = {
-    "car": (100, 150, 245),
-    "bicycle": (100, 230, 245),
-    "motorcycle": (30, 60, 150),
-    "truck": (80, 30, 180),
-    "other_vehicle": (0, 0, 255),
-    "person": (255, 30, 30),
-    "bicyclist": (255, 40, 200),
-    "motorcyclist": (150, 30, 90),
-    "road": (255, 0, 255),
-    "parking": (255, 150, 255),
-    "sidewalk": (75, 0, 75),
-    "other_ground": (175, 0, 75),
-    "building": (255, 200, 0),
-    "fence": (255, 120, 50),
-    "vegetation": (0, 175, 0),
-    "trunk": (135, 60, 0),
-    "terrain": (150, 240, 80),
-    "pole": (255, 240, 150),
-    "traffic_sign": (255, 0, 0),
-}
-
-#: aliases seen in other spellings of the same classes
-_ALIASES = {
-    "drivable_surface": "driveable_surface",
-    "flat_driveable_surface": "driveable_surface",
-    "static_manmade": "manmade",
-    "static_vegetation": "vegetation",
-    "traffic_cone": "traffic_cone",
-    "trafficcone": "traffic_cone",
-    "other_vehicle": "other_vehicle",
-    "othervehicle": "other_vehicle",
-    "trafficsign": "traffic_sign",
-    "otherground": "other_ground",
-}
+#: per label space with colours, in registry order: class key → colour
+_TABLES: tuple[dict[str, tuple[int, int, int]], ...] = tuple(
+    t for t in ({class_key(c.name): c.color for c in s.classes if c.color is not None}
+                for s in LABEL_SPACES.values()) if t)
 
 
-def normalize_name(name: str) -> str:
-    """Lower-case, with runs of spaces, dashes and dots turned into one underscore."""
-    key = re.sub(r"[\s\-.]+", "_", name.strip().lower())
-    return _ALIASES.get(key, key)
-
-
-def _preset_color(name: str, class_names: Sequence[str]) -> tuple[int, int, int] | None:
-    """Conventional colour of ``name``; a SemanticKITTI-looking vocabulary wins shared names."""
-    key = normalize_name(name)
-    keys = {normalize_name(n) for n in class_names}
-    kitti_like = len(keys & SEMANTICKITTI19_COLORS.keys()) > len(keys & NUSCENES16_COLORS.keys())
-    tables = (SEMANTICKITTI19_COLORS, NUSCENES16_COLORS) if kitti_like else (
-        NUSCENES16_COLORS, SEMANTICKITTI19_COLORS)
-    for table in tables:
-        if key in table:
-            return table[key]
-    return None
+def _preset_colors(names: Sequence[str]) -> list[tuple[int, int, int] | None]:
+    """Conventional colour of each name (None: none known). Names are matched with
+    ``label_spaces.class_key``; the label space sharing most names with the list wins shared
+    names (a SemanticKITTI-looking vocabulary gets KITTI's "car"), earlier spaces on a tie."""
+    keys = [class_key(n) for n in names]
+    present = set(keys)
+    tables = sorted(_TABLES, key=lambda t: -len(present & t.keys()))
+    return [next((t[k] for t in tables if k in t), None) for k in keys]
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,8 +74,7 @@ def palette_for(class_names: Sequence[str]) -> np.ndarray:
     names = list(class_names)
     colors = np.zeros((len(names), 3), dtype=np.uint8)
     unknown: list[int] = []
-    for i, name in enumerate(names):
-        c = _preset_color(name, names)
+    for i, c in enumerate(_preset_colors(names)):
         if c is None:
             unknown.append(i)
         else:

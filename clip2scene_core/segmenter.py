@@ -10,7 +10,7 @@ runs the teacher on one image (the expensive part, vocabulary-independent), and
 ``segment(scan, predictions=...)`` fuses given predictions into a sweep's probabilities,
 each through its own calibration. ``segment(scan, cameras)`` does both inline. The ROS node
 runs the first on a worker of its own, off the sweep's critical path
-(`clip2scene_ros.pipeline.TeacherWorker`).
+(`clip2scene_ros.runner.TeacherWorker`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .clip.preprocess import ImageGeometry
 from .device import autocast_for, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, EmptyPointCloudError
+from .geometry.projection import Projection
 from .types import Calibration, CameraFrame, Scan
 
 
@@ -47,7 +48,9 @@ class SegmenterConfig:
     folded_heads: bool = True
     camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
     camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
-    min_depth: float = 0.5              # metres in front of a camera to count as seen
+    # metres in front of a camera to count as seen, when `segment` projects the points itself
+    # (the ROS pipeline passes projections made with the node's own min_depth)
+    min_depth: float = 0.5
     # precision of the teacher's image forward: auto (fp16 on CUDA, bf16 on a CPU with native
     # bf16 — AVX512-BF16 / AMX —, else fp32), fp32, bf16 or fp16 (CUDA only)
     teacher_precision: str = "auto"
@@ -289,16 +292,19 @@ class Segmenter:
 
     def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
                       emb: torch.Tensor, info: dict,
-                      predictions: Sequence[CameraPrediction] = ()) -> torch.Tensor:
+                      predictions: Sequence[CameraPrediction] = (),
+                      projections: Sequence[Projection] | None = None) -> torch.Tensor:
         """Average the pixel probabilities of every camera (frames: run the teacher now;
-        predictions: computed before) into the points seen by it."""
+        predictions: computed before) into the points seen by it. ``projections``: where the
+        points ``xyz`` land in each of them (None: projected here at ``config.min_depth``)."""
         from .clip.preprocess import sample_grid
         from .geometry import project_points
 
         seen_sum = torch.zeros_like(probs)
         seen_cnt = torch.zeros(probs.shape[0], device=probs.device)
-        for item in [*cameras, *predictions]:
-            proj = project_points(xyz, item.calibration, min_depth=self.config.min_depth)
+        for i, item in enumerate([*cameras, *predictions]):
+            proj = project_points(xyz, item.calibration, min_depth=self.config.min_depth) \
+                if projections is None else projections[i]
             idx = np.flatnonzero(proj.valid)
             if idx.size == 0:   # checked first: an image nothing projects into costs no teacher
                 info["cameras_skipped"].append((item.name, "no point projects into the image"))
@@ -322,18 +328,29 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment(self, scan: Scan, cameras: Sequence[CameraFrame] = (),
-                predictions: Sequence[CameraPrediction] = ()) -> SegmentationResult:
+                predictions: Sequence[CameraPrediction] = (),
+                projections: Sequence[Projection] | None = None) -> SegmentationResult:
         """Label every point of ``scan``; points that cannot be voxelised get label -1.
 
         ``cameras`` are fused running the teacher now (inline); ``predictions`` (from
         `predict_camera`, each with the calibration of *this* sweep) are fused as they are.
-        Both need ``config.camera_fusion``; frames also need a teacher.
+        Both need ``config.camera_fusion``; frames also need a teacher. ``projections``: one
+        `Projection` of all the scan's points per camera, then per prediction (a caller that
+        also draws them projects once, with its own ``min_depth``); None: projected here at
+        ``config.min_depth``.
         """
         from .models import VoxelBatch
         from .voxelize import voxelize
 
         vocab, emb = self._vocab  # one consistent vocabulary for this frame
         n = len(scan)
+        if projections is not None:
+            projections = list(projections)
+            if len(projections) != len(cameras) + len(predictions) \
+                    or any(len(p) != n for p in projections):
+                raise ConfigError(f"projections must be one per camera and prediction "
+                                  f"({len(cameras)} + {len(predictions)}), each of the scan's "
+                                  f"{n} points; got {[len(p) for p in projections]}")
         labels = np.full(n, -1, dtype=np.int64)
         scores = np.zeros(n, dtype=np.float32)
         info: dict[str, object] = {"points_in": n, "cameras_used": [], "cameras_skipped": []}
@@ -365,8 +382,14 @@ class Segmenter:
             info["cameras_skipped"] = [(c.name, reason) for c in cameras]
         if fuse:
             t0 = time.perf_counter()
-            probs = self._fuse_cameras(probs, scan.xyz[voxels.point_mask],
-                                       cameras if fuse_frames else (), emb, info, predictions)
+            kept = voxels.point_mask
+            shared = None
+            if projections is not None:   # the rows of the kept points, of what is fused
+                fused = (projections[:len(cameras)] if fuse_frames else []) \
+                    + projections[len(cameras):][:len(predictions)]
+                shared = [p.select(kept) for p in fused]
+            probs = self._fuse_cameras(probs, scan.xyz[kept], cameras if fuse_frames else (),
+                                       emb, info, predictions, shared)
             timings["cameras"] = time.perf_counter() - t0
         score, label = probs.max(dim=1)
         if not point_rows:            # one label per voxel, gathered to its points last

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .distortion import resolve_distortion_model
 from .errors import CalibrationError, InvalidPointCloudError
-
-DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant", "none")
 
 
 @dataclass
@@ -77,10 +76,7 @@ class CameraModel:
     def __post_init__(self) -> None:
         self.K = np.asarray(self.K, dtype=np.float64).reshape(3, 3)
         self.D = np.asarray(self.D, dtype=np.float64).reshape(-1)
-        if self.distortion_model == "":
-            self.distortion_model = "none" if not np.any(self.D) else "plumb_bob"
-        if self.distortion_model not in DISTORTION_MODELS:
-            raise CalibrationError(f"unsupported distortion model '{self.distortion_model}'")
+        self.distortion_model = resolve_distortion_model(self.distortion_model, self.D)
         if int(self.width) <= 0 or int(self.height) <= 0:
             raise CalibrationError(f"image size must be positive, got {self.width}x{self.height}")
         self.width, self.height = int(self.width), int(self.height)

@@ -1,5 +1,8 @@
 """Camera messages ⇄ arrays: Image / CompressedImage → RGB uint8, RGB → Image, CameraInfo → model.
 
+(Over ~400 lines: every ROS image encoding, the compressed formats and CameraInfo checks share
+one set of limits and one error type; split apart they would each re-check the same layout.)
+
 Pure functions on duck-typed messages (rclpy or rosbags). The segmenter wants (H, W, 3)
 uint8 RGB whatever the driver publishes, so every supported encoding is turned into that:
 8-bit colour and mono, 16-bit (scaled to 8 bits: v * 255 / 65535), Bayer mosaics (OpenCV
@@ -26,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from clip2scene_core.distortion import normalize_distortion
 from clip2scene_core.errors import CalibrationError, ImageDecodeError
 from clip2scene_core.types import CameraModel
 
@@ -386,9 +390,6 @@ def rgb_to_compressed(rgb: np.ndarray, header: Any, factory: MessageFactory | No
 # --------------------------------------------------------------------------------------------
 # CameraInfo
 # --------------------------------------------------------------------------------------------
-_D_LENGTHS = {"plumb_bob": 5, "rational_polynomial": 8, "equidistant": 4}
-
-
 def _field(msg: Any, *names: str) -> Any:
     """First attribute of ``names`` the message has (ROS 2 ``k`` vs ROS 1 ``K``)."""
     for n in names:
@@ -398,28 +399,11 @@ def _field(msg: Any, *names: str) -> Any:
 
 
 def _distortion(model: str, d: np.ndarray, frame: str) -> tuple[str, np.ndarray]:
-    """Validated (model, D): short vectors padded with zeros, zero tails trimmed."""
-    if model == "":
-        if not np.any(d):
-            return "none", np.zeros(0)
-        if d.size > 5:
-            raise CalibrationError(
-                f"camera '{frame}': empty distortion_model with {d.size} non-zero coefficients")
-        model = "plumb_bob"
-    if model == "none":
-        if np.any(d):
-            raise CalibrationError(f"camera '{frame}': distortion_model 'none' but D={d.tolist()}")
-        return model, np.zeros(0)
-    n = _D_LENGTHS.get(model)
-    if n is None:
-        raise CalibrationError(f"camera '{frame}': unsupported distortion model '{model}' "
-                               f"(supported: {sorted(_D_LENGTHS)} and 'none')")
-    if d.size > n and np.any(d[n:]):
-        raise CalibrationError(
-            f"camera '{frame}': {model} takes {n} coefficients, got {d.size}: {d.tolist()}")
-    out = np.zeros(n)
-    out[:min(n, d.size)] = d[:n]
-    return model, out
+    """Validated (model, D) (`clip2scene_core.distortion.normalize_distortion`), naming the camera."""
+    try:
+        return normalize_distortion(model, d)
+    except CalibrationError as exc:
+        raise CalibrationError(f"camera '{frame}': {exc}") from None
 
 
 def _values(msg: Any, names: tuple[str, ...], frame: str, sizes: tuple[int, ...],

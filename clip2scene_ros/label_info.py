@@ -13,9 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from clip2scene_core.label_spaces import UNLABELED
 from clip2scene_core.palette import palette_for
 
-from .pointcloud2 import UNLABELED
+from .output_schema import LABEL_FIELD
 
 #: version of the JSON layout below; bump when a key changes meaning
 LABEL_CLASSES_FORMAT = 1
@@ -33,7 +34,7 @@ def label_classes_json(class_names: Sequence[str], colors: np.ndarray | None = N
         raise ValueError(f"{len(colors)} colours for {len(names)} classes")
     return json.dumps({"format": LABEL_CLASSES_FORMAT, "class_names": names,
                        "colors": [[int(c) for c in rgb] for rgb in colors],
-                       "unlabeled": UNLABELED, "field": "label"})
+                       "unlabeled": UNLABELED, "field": LABEL_FIELD})
 
 
 def parse_label_classes(text: str) -> dict[str, Any]:

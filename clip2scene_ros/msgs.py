@@ -19,6 +19,8 @@ import numpy as np
 
 from clip2scene_core.errors import Clip2SceneError
 
+from .typestore import field_default
+
 __all__ = [
     "MessageFactory", "default_factory", "make_time", "make_header", "stamp_to_ns", "ns_to_stamp",
     "header_stamp_ns", "uint8_data", "data_as_array", "MESSAGE_TYPES",
@@ -42,13 +44,6 @@ MESSAGE_TYPES: dict[str, str] = {
 }
 
 _NS = 1_000_000_000
-
-_BASE_DEFAULTS: dict[str, Any] = {"bool": False, "string": "", "wstring": ""}
-_NUMPY_BASES = {
-    "int8": np.int8, "uint8": np.uint8, "byte": np.uint8, "char": np.uint8,
-    "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
-    "int64": np.int64, "uint64": np.uint64, "float32": np.float32, "float64": np.float64,
-}
 
 
 class MessageFactoryError(Clip2SceneError, LookupError):
@@ -129,7 +124,7 @@ class MessageFactory:
         """Message ``msg_type`` (short or full name) with the given fields; missing ones get ROS defaults.
 
         rclpy fills defaults itself. rosbags dataclasses need every field, so they are
-        completed from the typestore's field definitions (nested messages recursively).
+        completed from the typestore's field definitions (``typestore.field_default``).
         """
         cls = self.get(msg_type)
         if self.backend != "rosbags":
@@ -141,30 +136,8 @@ class MessageFactory:
             raise MessageFactoryError(f"{full} has no field(s) {sorted(unknown)} (fields: {known})")
         for fname, fdef in self.typestore.fielddefs[full][1]:
             if fname not in fields:
-                fields[fname] = self._default(fdef)
+                fields[fname] = field_default(fdef, self.typestore)
         return cls(**fields)
-
-    def _default(self, fdef: tuple) -> Any:
-        """ROS default value of one rosbags field definition."""
-        kind, spec = fdef  # rosbags Nodetype: 1 BASE, 2 NAME, 3 ARRAY, 4 SEQUENCE
-        kind = int(kind)
-        if kind == 1:  # BASE
-            base = spec[0]
-            if base in _NUMPY_BASES:
-                return 0.0 if base.startswith("float") else 0
-            return _BASE_DEFAULTS.get(base, "")
-        if kind == 2:  # NAME (nested message)
-            return self.new(spec)
-        inner, size = spec
-        if kind == 3:  # ARRAY of fixed size
-            if int(inner[0]) == 1 and inner[1][0] in _NUMPY_BASES:
-                return np.zeros(size, dtype=_NUMPY_BASES[inner[1][0]])
-            return [self._default(inner) for _ in range(size)]
-        if kind == 4:  # SEQUENCE
-            if int(inner[0]) == 1 and inner[1][0] in _NUMPY_BASES:
-                return np.zeros(0, dtype=_NUMPY_BASES[inner[1][0]])
-            return []
-        raise MessageFactoryError(f"unsupported field definition {fdef!r}")
 
     def uint8_data(self, raw: bytes | bytearray | memoryview | np.ndarray) -> Any:
         """A ``uint8[]`` field value this backend accepts (numpy for rosbags, array for rclpy)."""

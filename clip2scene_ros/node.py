@@ -1,5 +1,8 @@
 """rclpy nodes ``clip2scene_segmenter`` (plain) and ``clip2scene_segmenter_managed`` (lifecycle).
 
+(Over ~400 lines: the only rclpy module; the plain and lifecycle nodes share their wiring, and
+rclpy must stay out of every other module.)
+
 Thin glue between ROS and `PipelineRunner`: subscriptions feed the runner, an inference
 thread takes the newest synchronised frame from its size-1 slot and publishes
 ``~/labeled_points`` (+ ``~/filtered_points``, ``~/overlay/<camera>``), a timer publishes
@@ -47,7 +50,8 @@ from .label_info import label_classes_json, label_info_entries
 from .msgs import MessageFactory
 from .node_config import (NODE_NAME, NodeConfig, ParamSpec, camera_specs, check_type,
                           from_parameters, parameter_specs, to_parameters)
-from .pipeline import PipelineRunner, build_pipeline, load_segmenter
+from .pipeline import build_pipeline, load_segmenter
+from .runner import PipelineRunner
 from .sync import PAIR_SYNCHRONIZED
 from .tf import ListenerBuffer, Tf2Backend, TfResolver
 
@@ -171,7 +175,8 @@ class SegmenterMixin:
         self._announce(self.pipeline.class_names)
         self.get_logger().info(
             f"segmenting {cfg.lidar_topic} on {self.segmenter.device} with "
-            f"{len(self.pipeline.class_names)} classes; cameras: "
+            f"{len(self.pipeline.class_names)} classes; ~/labeled_points fields: "
+            f"{', '.join(f.name for f in self.pipeline.schema)}; cameras: "
             f"{[(c.name, c.image_topic, c.info_topic) for c in cfg.camera_list] or 'none'}; "
             f"TF: {'tf2_ros' if self._tf2 is not None else 'own /tf listener'}")
 
@@ -295,7 +300,7 @@ class SegmenterMixin:
                 continue
             try:
                 self._publish_output(out)
-            except Exception as exc:   # never let the inference thread die
+            except Exception as exc:  # noqa: BLE001 - never let the inference thread die
                 if not self.context.ok():
                     return             # Ctrl-C: the context went away under us
                 self.get_logger().error(f"publishing failed: {type(exc).__name__}: {exc}")

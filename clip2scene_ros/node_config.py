@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from clip2scene_core.config import load_yaml
+from clip2scene_core.config import check_scalar, load_yaml
 from clip2scene_core.device import PRECISIONS
 from clip2scene_core.errors import ConfigError
 
@@ -244,27 +244,15 @@ def camera_specs(name: str) -> list[ParamSpec]:
 
 
 def check_type(name: str, value: Any, tp: type) -> Any:
-    """`value` as parameter type `tp` (an int is fine for a float), else a ConfigError naming it."""
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
+    """`value` as parameter type `tp` (an int is fine for a float), else a ConfigError naming it.
+
+    Scalars go through the core's one check (`clip2scene_core.config.check_scalar`)."""
     if tp is list:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
         return list(value)
+    if tp in (bool, int, float, str):
+        return check_scalar(value, tp, name)
     raise ConfigError(f"{name}: unsupported type {tp}")
 
 

@@ -1,24 +1,24 @@
 """The segmentation pipeline shared by the rclpy node and the replay tool.
 
+(Over ~400 lines: one class, the per-sweep path from messages to published clouds and
+overlays, with its config and output records.)
+
 `SegmentationPipeline.process` turns one PointCloud2 (+ camera images, CameraInfo and a TF
 lookup) into the labelled PointCloud2 and overlay images, with per-stage timings and the
 reasons any input was left out. It never imports rclpy: messages are duck-typed (rclpy's or
 rosbags' classes) and new ones are built through a `MessageFactory`, so the very code the
-robot runs is what the tests and the replay tool run.
+robot runs is what the tests and the replay tool run. What the node adds around it (sync,
+newest-frame slot, the asynchronous teacher, statistics) is `clip2scene_ros.runner`.
 
-`PipelineRunner` adds what the node does around it: the approximate-time `FrameSync`, the
-size-1 newest-frame slot between callbacks and the inference thread, statistics for
-/diagnostics and throttled warnings. node.py only wires rclpy callbacks to its methods.
+Cameras. An image is decoded only when something consumes it: an overlay someone subscribes
+to, or inline camera fusion; otherwise the camera is reported idle
+(`PipelineOutput.cameras_idle`) at no cost. Each decoded camera is projected once per sweep,
+at `PipelineConfig.min_depth`; fusion and its overlay share that projection
+(`PipelineOutput.projections`). `SegmentationPipeline.process` alone (the replay tool) fuses
+inline; given `TeacherPrediction`s (the runner's asynchronous teacher) it fuses those.
 
-Cameras and the CLIP teacher. An image is decoded only when something consumes it: an
-overlay someone subscribes to, or inline camera fusion; otherwise the camera is reported
-idle (`PipelineOutput.cameras_idle`) at no cost. With a teacher, `PipelineRunner` (by
-default, ``teacher_async``) runs it on a `TeacherWorker` thread of its own: every image that
-arrives goes to a size-1 slot per camera, the worker predicts the newest one, and each sweep
-fuses, per camera, the latest finished prediction stamped within ``teacher_max_age`` of the
-sweep (with the LiDAR→camera transform looked up for this sweep and that image stamp). A
-sweep never waits for the teacher: a camera without a fitting prediction is LiDAR-only in
-that sweep. `SegmentationPipeline.process` alone (the replay tool) fuses inline.
+Output fields. The labelled clouds' per-point fields (label, score, rgb, ...) are the rows of
+`output_schema.OUTPUT_SCHEMA`, read from the segmenter's result.
 
 Failure policy (a bad input never stops the stream):
 - unreadable cloud / model exception → `status="error"`, no cloud, the next frame runs;
@@ -34,23 +34,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
 from clip2scene_core.errors import CalibrationError, Clip2SceneError, ConfigError, TransformError
-from clip2scene_core.geometry import project_points
+from clip2scene_core.geometry import Projection, project_points
 from clip2scene_core.palette import colorize, palette_for
 from clip2scene_core.render import draw_points
 from clip2scene_core.types import Calibration, CameraFrame
 
-from .diagnostics import DiagnosticReport, PipelineStats, StageTimes, WarnThrottle, reason_kind
 from .image import camera_info_to_model, compressed_to_rgb, image_to_rgb, rgb_to_image
 from .msgs import MessageFactory, default_factory, header_stamp_ns
-from .pointcloud2 import cloud_to_scan, kept_field_values, labeled_cloud, labeled_cloud_like
-from .sync import PAIR_LATEST, CameraInfoPairing, FrameSync, LatestSlot, SyncConfig, SyncedFrame
+from .output_schema import (OUTPUT_SCHEMA, OutputField, empty_sources, expand_sources,
+                            output_columns, result_sources)
+from .pointcloud2 import cloud_to_scan, kept_field_values, output_cloud, output_cloud_like
+from .sync import SyncedFrame
 
 #: (target_frame, target_stamp_ns, source_frame, source_stamp_ns) → 4×4 matrix taking source
 #: coordinates at the source stamp to target coordinates at the target stamp; raises
@@ -64,7 +64,8 @@ TfLookup = Callable[[str, int, str, int], np.ndarray]
 MAX_REASON_CHARS = 500
 
 
-def _clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+def clip_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (skip reasons and failures quote values)."""
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
@@ -169,6 +170,12 @@ class PipelineOutput:
     scores: np.ndarray | None = None   # (kept.sum(),) float32
     kept: np.ndarray | None = None     # (points_in,) bool, row-major: input points with finite x/y/z
     received_ns: int = 0               # when the sweep reached the node (its clock); 0 = unknown
+    # camera → where those points (the order of `labels`) land in its decoded image, at
+    # `PipelineConfig.min_depth`: computed once per camera and sweep, shared by camera fusion
+    # and overlays (renders can reuse it); only cameras in `cameras_used`
+    projections: dict[str, Projection] = field(default_factory=dict)
+    # the decoded images those projections belong to (renders reuse them: decoded once)
+    camera_frames: dict[str, CameraFrame] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -229,12 +236,20 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
 
 
 class SegmentationPipeline:
-    """Messages in, labelled cloud + overlays out, around one `Segmenter`."""
+    """Messages in, labelled cloud + overlays out, around one `Segmenter`.
+
+    The segmenter is duck-typed: ``segment(scan, cameras, predictions=(), projections=None)``
+    returning a result with the attributes `schema` reads (``labels``, ``scores``, ...) plus
+    ``class_names``, ``timings`` and ``info``. ``schema``: the per-point output fields
+    (`output_schema.OUTPUT_SCHEMA`).
+    """
 
     def __init__(self, segmenter: Any, config: PipelineConfig | None = None,
                  msg_factory: MessageFactory | None = None,
-                 tf_lookup: TfLookup | None = None) -> None:
+                 tf_lookup: TfLookup | None = None,
+                 schema: Sequence[OutputField] = OUTPUT_SCHEMA) -> None:
         self.segmenter = segmenter
+        self.schema = tuple(schema)
         self.config = config or PipelineConfig()
         self.factory = msg_factory or default_factory()
         self.tf_lookup = tf_lookup
@@ -293,7 +308,7 @@ class SegmentationPipeline:
                 self.segmenter.set_vocabulary(*self._original_vocab)
             elif names:
                 self.segmenter.set_vocabulary(names)
-        except Exception as exc:  # keep the old vocabulary and say why
+        except Exception as exc:  # noqa: BLE001 - keep the old vocabulary and say why
             return f"vocabulary change to {names} failed: {type(exc).__name__}: {exc}"
         return None
 
@@ -427,6 +442,7 @@ class SegmentationPipeline:
         if stats.missing_fields:
             out.warnings.append(f"cloud has no {list(stats.missing_fields)} field: using zeros")
         frames: list[CameraFrame] = []
+        projs: list[Projection] = []      # where the scan's points land in each of `frames`
         inline = predictions is None and self.fuses_inline
         overlays = self.config.publish_overlays
         for cam in cameras:
@@ -437,14 +453,20 @@ class SegmentationPipeline:
             # a camera that fails is skipped and counted (cameras_skipped → diagnostics and the
             # replay report); the sweep goes on with the others or LiDAR-only
             try:
-                frames.append(self.camera_frame(cam, frame_id, stamp, tf_lookup))
+                frame = self.camera_frame(cam, frame_id, stamp, tf_lookup)
+                # once per camera and sweep: fusion and overlays share it
+                projs.append(project_points(scan.xyz, frame.calibration,
+                                            min_depth=self.config.min_depth))
+                frames.append(frame)
+                out.projections[frame.name] = projs[-1]
+                out.camera_frames[frame.name] = frame
             except Clip2SceneError as exc:
                 out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
-                    f"{type(exc).__name__}: {_clip(str(exc))}"
+                    f"{type(exc).__name__}: {clip_reason(str(exc))}"
             except Exception as exc:  # noqa: BLE001 - a bug or a lookup's own error type
                 # must not drop the LiDAR output either; named so that it stands out
                 out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
-                    f"unexpected {type(exc).__name__}: {_clip(str(exc))}"
+                    f"unexpected {type(exc).__name__}: {clip_reason(str(exc))}"
         out.cameras_used = [f.name for f in frames]
         fused = self._calibrate_predictions(out, predictions or (), tf_lookup) if len(scan) else []
         out.timings["convert"] = time.perf_counter() - t0
@@ -452,18 +474,23 @@ class SegmentationPipeline:
         if len(scan) == 0:
             labels = np.zeros(0, np.int64)
             scores = np.zeros(0, np.float32)
+            sources = empty_sources(self.schema)
             out.status = "empty"
             out.class_names = self.class_names
         else:
             try:
                 if predictions is None:
-                    result = self.segmenter.segment(scan, frames)
+                    result = self.segmenter.segment(scan, frames, projections=projs)
                 else:
-                    result = self.segmenter.segment(scan, (), [p for p, _ in fused])
-            except Exception as exc:  # a model failure drops this frame, not the node
+                    preds = [p for p, _ in fused]
+                    result = self.segmenter.segment(scan, (), preds, projections=[
+                        project_points(scan.xyz, p.calibration, min_depth=self.config.min_depth)
+                        for p in preds])
+                labels, scores = result.labels, result.scores
+                sources = result_sources(result, self.schema)
+            except Exception as exc:  # noqa: BLE001 - a model failure drops this frame, not the node
                 out.status, out.error = "error", f"segmentation failed: {type(exc).__name__}: {exc}"
                 return out
-            labels, scores = result.labels, result.scores
             out.class_names = list(result.class_names)
             for stage, seconds in result.timings.items():
                 out.timings[stage] = float(seconds)
@@ -474,7 +501,6 @@ class SegmentationPipeline:
         out.labels, out.scores = labels, scores
         out.points_labeled = int(np.count_nonzero(labels >= 0))
         pal = self.palette(out.class_names)
-        colors = colorize(labels, palette=pal)
         filter_ids, filter_warning = self._filter_classes(out.class_names)
         if filter_warning:
             out.warnings.append(filter_warning)
@@ -485,21 +511,24 @@ class SegmentationPipeline:
                 chosen = ~chosen
             out.points_filtered = int(np.count_nonzero(chosen))
         if self.config.output_layout == "input":
-            self._input_layout_clouds(out, cloud_msg, stats.kept, labels, scores, pal, chosen)
+            self._input_layout_clouds(out, cloud_msg, stats.kept, sources, pal, chosen)
         else:
+            columns = output_columns(sources, pal, len(scan), self.schema)
             # the input's own intensity values and datatype (the Scan holds float32 copies)
             intensity = kept_field_values(cloud_msg, stats, "intensity") if scan.has("intensity") else None
-            out.cloud = labeled_cloud(cloud_msg.header, scan.xyz, labels, scores, intensity=intensity,
-                                      rgb=colors, msg_factory=self.factory)
+            out.cloud = output_cloud(cloud_msg.header, scan.xyz, columns, intensity=intensity,
+                                     msg_factory=self.factory)
             if chosen is not None:
-                out.filtered_cloud = labeled_cloud(
-                    cloud_msg.header, scan.xyz[chosen], labels[chosen], scores[chosen],
-                    intensity=None if intensity is None else intensity[chosen], rgb=colors[chosen],
+                out.filtered_cloud = output_cloud(
+                    cloud_msg.header, scan.xyz[chosen], [(n, v[chosen]) for n, v in columns],
+                    intensity=None if intensity is None else intensity[chosen],
                     msg_factory=self.factory)
         if self.config.publish_overlays:
-            for frame in frames:
-                if overlay_cameras is None or frame.name in overlay_cameras:
-                    out.overlays[frame.name] = self._overlay(frame, scan.xyz, colors, cameras)
+            drawn = [(f, p) for f, p in zip(frames, projs)
+                     if overlay_cameras is None or f.name in overlay_cameras]
+            colors = colorize(labels, palette=pal) if drawn else None
+            for frame, proj in drawn:
+                out.overlays[frame.name] = self._overlay(frame, proj, colors, cameras)
         out.timings["publish"] = time.perf_counter() - t1
         return out
 
@@ -516,29 +545,24 @@ class SegmentationPipeline:
                 pred = pred.with_calibration(Calibration(pred.calibration.camera, T))
             except Exception as exc:  # noqa: BLE001 - the lookup's own error types too
                 out.fusion_skipped[pred.name] = \
-                    f"teacher prediction: {type(exc).__name__}: {_clip(str(exc))}"
+                    f"teacher prediction: {type(exc).__name__}: {clip_reason(str(exc))}"
                 continue
             fused.append((pred, (out.stamp_ns - pred.stamp_ns) / 1e9))
         return fused
 
     def _input_layout_clouds(self, out: PipelineOutput, cloud_msg: Any, kept: np.ndarray,
-                             labels: np.ndarray, scores: np.ndarray, pal: np.ndarray,
+                             sources: dict[str, np.ndarray], pal: np.ndarray,
                              chosen: np.ndarray | None) -> None:
         """`output_layout="input"`: the labelled cloud (and filtered cloud) in the input's fields."""
         n = kept.size
-        full_labels = np.full(n, -1, np.int64)
-        full_labels[kept] = labels
-        full_scores = np.zeros(n, np.float32)
-        full_scores[kept] = scores
-        full_colors = colorize(full_labels, palette=pal)
-        out.cloud = labeled_cloud_like(cloud_msg, full_labels, full_scores, full_colors,
-                                       msg_factory=self.factory)
+        columns = output_columns(expand_sources(sources, kept, self.schema), pal, n, self.schema)
+        out.cloud = output_cloud_like(cloud_msg, columns, msg_factory=self.factory)
         out.points_out = n
         if chosen is not None:
             select = np.zeros(n, bool)
             select[kept] = chosen
-            out.filtered_cloud = labeled_cloud_like(cloud_msg, full_labels, full_scores, full_colors,
-                                                    select=select, msg_factory=self.factory)
+            out.filtered_cloud = output_cloud_like(cloud_msg, columns, select=select,
+                                                   msg_factory=self.factory)
 
     def process_frame(self, frame: SyncedFrame, tf_lookup: TfLookup | None = None,
                       overlay_cameras: Collection[str] | None = None,
@@ -549,10 +573,9 @@ class SegmentationPipeline:
         out.received_ns = frame.received_ns
         return out
 
-    def _overlay(self, frame: CameraFrame, xyz: np.ndarray, colors: np.ndarray,
+    def _overlay(self, frame: CameraFrame, proj: Projection, colors: np.ndarray,
                  cameras: Sequence[CameraInput]) -> Any:
         """The camera image with every point that projects into it drawn in its label colour."""
-        proj = project_points(xyz, frame.calibration, min_depth=self.config.min_depth)
         idx = np.flatnonzero(proj.valid)
         idx = idx[np.argsort(-proj.depth[idx], kind="stable")]   # near points drawn last
         canvas = draw_points(frame.image, proj.uv[idx], colors[idx], radius=self.config.overlay_radius)
@@ -566,323 +589,3 @@ class TeacherPrediction:
 
     prediction: Any          # clip2scene_core.segmenter.CameraPrediction
     optical_frame: str
-
-
-class TeacherWorker:
-    """Runs the CLIP teacher on camera images at its own rate, on a thread of its own.
-
-    `submit` (any thread, cheap) puts an image into its camera's size-1 slot, replacing one
-    the worker has not started yet; the worker takes the camera that has waited longest,
-    decodes the image, runs `Segmenter.predict_camera` and keeps the latest prediction per
-    camera (`latest`). The thread starts with the first image; `close` stops it (a prediction
-    in progress finishes first), `reopen` allows a new start with no old predictions.
-    """
-
-    def __init__(self, pipeline: SegmentationPipeline, precision: str | None = None,
-                 on_failure: Callable[[str, str], None] | None = None) -> None:
-        self.pipeline = pipeline
-        self.precision = precision          # None: the segmenter's config.teacher_precision
-        self.on_failure = on_failure        # (camera, reason), called on the worker thread
-        self._cond = threading.Condition()
-        self._pending: dict[str, CameraInput] = {}   # insertion order = waiting longest first
-        self._results: dict[str, TeacherPrediction] = {}
-        self._busy = False
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self._generation = 0                 # a thread of an older generation (closed) ends
-        # statistics (read under the condition's lock)
-        self.times = StageTimes()            # "decode", "teacher" seconds per image
-        self.done = 0
-        self.replaced = 0                    # superseded in their slot before the worker got to them
-        self.failed: Counter[tuple[str, str]] = Counter()   # (camera, reason kind)
-        self.last_failure = ""
-
-    def submit(self, cam: CameraInput) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            if cam.name in self._pending:
-                self.replaced += 1
-            self._pending[cam.name] = cam    # an existing key keeps its place in the queue
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, args=(self._generation,),
-                                                name="clip2scene_teacher", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def latest(self) -> dict[str, TeacherPrediction]:
-        """The newest finished prediction per camera."""
-        with self._cond:
-            return dict(self._results)
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted image is predicted (tests, benchmarks)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._generation += 1
-            self._pending.clear()
-            self._cond.notify_all()
-            thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def reopen(self) -> None:
-        with self._cond:
-            self._closed = False
-            self._results.clear()
-
-    def _run(self, generation: int) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or generation != self._generation)
-                if generation != self._generation:
-                    return
-                name = next(iter(self._pending))
-                cam = self._pending.pop(name)
-                self._busy = True
-            result, times, failure = self._predict(cam)
-            with self._cond:
-                self._busy = False
-                if result is not None and generation == self._generation:
-                    self._results[name] = result
-                    self.done += 1
-                    self.times.add(times)
-                elif failure:
-                    self.failed[(name, reason_kind(failure))] += 1
-                    self.last_failure = f"camera '{name}': {failure}"
-                self._cond.notify_all()
-            if failure and self.on_failure is not None:
-                self.on_failure(name, failure)
-
-    def _predict(self, cam: CameraInput) -> tuple[TeacherPrediction | None, dict[str, float], str]:
-        t0 = time.perf_counter()
-        try:
-            rgb, model = self.pipeline.decode_camera(cam)
-            optical = self.pipeline.optical_frame(cam)
-            t1 = time.perf_counter()
-            # the extrinsics are the sweep's, looked up when a sweep fuses the prediction
-            frame = CameraFrame(cam.name, rgb, Calibration(model), cam.stamp_ns)
-            pred = self.pipeline.segmenter.predict_camera(frame, self.precision)
-        except Clip2SceneError as exc:
-            return None, {}, f"{type(exc).__name__}: {_clip(str(exc))}"
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker
-            return None, {}, f"unexpected {type(exc).__name__}: {_clip(str(exc))}"
-        t2 = time.perf_counter()
-        return TeacherPrediction(pred, optical), {"decode": t1 - t0, "teacher": t2 - t1}, ""
-
-
-def _stamp_or(msg: Any, now_ns: int) -> int:
-    """A message's header stamp (ns), or the arrival time when it has no readable header."""
-    try:
-        return header_stamp_ns(msg)
-    except (AttributeError, TypeError):
-        return now_ns
-
-
-class PipelineRunner:
-    """The node's logic without rclpy: callbacks → sync → newest-frame slot → pipeline.
-
-    The node calls `on_cloud` / `on_camera` from subscription callbacks, `on_timer`
-    periodically (releases sweeps whose cameras went quiet), and runs `step` in a loop on
-    its inference thread, publishing what it returns. `clock` gives "now" in nanoseconds
-    (the node's ROS clock, so simulated time works).
-
-    With a teacher loaded and camera fusion on, ``teacher_async`` (default) runs it on a
-    `TeacherWorker` (``self.teacher``): each sweep fuses, per camera, the latest finished
-    prediction whose image stamp is within ``teacher_max_age`` seconds of the sweep's, and
-    never waits for one. ``teacher_async=False``: the teacher runs inline in `step`.
-    """
-
-    def __init__(self, pipeline: SegmentationPipeline, camera_names: Sequence[str] = (),
-                 sync_config: SyncConfig | None = None, tf_lookup: TfLookup | None = None,
-                 clock: Callable[[], int] | None = None,
-                 warn: Callable[[str], None] | None = None, warn_throttle_s: float = 5.0,
-                 device: str = "",
-                 overlay_cameras: Callable[[], Collection[str] | None] | None = None,
-                 camera_info_policy: str = PAIR_LATEST, teacher_async: bool = True,
-                 teacher_max_age: float = 0.5, teacher_precision: str | None = None) -> None:
-        self.pipeline = pipeline
-        self.teacher: TeacherWorker | None = (
-            TeacherWorker(pipeline, teacher_precision, self._on_teacher_failure)
-            if teacher_async and camera_names and pipeline.fuses_inline
-            and hasattr(pipeline.segmenter, "predict_camera") else None)
-        self.teacher_max_age_ns = int(round(float(teacher_max_age) * 1e9))
-        self.teacher_used: Counter[str] = Counter()
-        self.teacher_stale: Counter[str] = Counter()
-        self.sync = FrameSync(camera_names, sync_config or SyncConfig())
-        # image ↔ CameraInfo, per camera (used by on_image / on_camera_info; a node whose
-        # message_filters pairs them itself calls on_camera directly)
-        self.pairings = {name: CameraInfoPairing(camera_info_policy, sync_config or SyncConfig())
-                         for name in camera_names}
-        self._optical_frames: dict[str, str] = {}
-        self.slot: LatestSlot[SyncedFrame] = LatestSlot()
-        self.tf_lookup = tf_lookup
-        self.clock = clock or time.time_ns
-        self.warn = warn
-        self.throttle = WarnThrottle(warn_throttle_s)
-        self.stats = PipelineStats(device=device)
-        self.overlay_cameras = overlay_cameras   # asked per frame: which overlays anyone wants
-        self._lock = threading.Lock()
-
-    # -- callbacks (any thread) ------------------------------------------------------------
-    def on_cloud(self, msg: Any) -> None:
-        now = self.clock()
-        with self._lock:
-            self.stats.on_input(now)
-            stamp = _stamp_or(msg, now)
-            self._offer(self.sync.add_lidar(msg, stamp, now))
-
-    def on_camera(self, name: str, image: Any, info: Any, optical_frame: str = "") -> None:
-        now = self.clock()
-        cam = CameraInput(name, image, info, optical_frame)
-        if self.teacher is not None and name in self.pairings:
-            self.teacher.submit(cam)      # its newest image, predicted at the teacher's own rate
-        with self._lock:
-            stamp = _stamp_or(image, now)
-            self._offer(self.sync.add_camera(name, cam, stamp, now))
-
-    def on_image(self, name: str, image: Any, optical_frame: str = "") -> None:
-        """An image of camera `name`; it goes on once it has its CameraInfo (see `pairings`)."""
-        pairing = self.pairings.get(name)
-        if pairing is None:
-            return
-        now = self.clock()
-        self._optical_frames[name] = optical_frame
-        stamp = _stamp_or(image, now)
-        before = pairing.counters.no_info
-        for img, info in pairing.on_image(image, stamp, now):
-            self.on_camera(name, img, info, optical_frame)
-        if pairing.counters.no_info > before:
-            self._warn(("no_info", name), f"camera '{name}': no CameraInfo received yet, image "
-                       "dropped (a latched CameraInfo needs a transient_local subscription: "
-                       "qos_overrides.<info topic>.subscription.durability)")
-
-    def on_camera_info(self, name: str, info: Any) -> None:
-        """A CameraInfo of camera `name` (cached; releases images waiting for it)."""
-        pairing = self.pairings.get(name)
-        if pairing is None:
-            return
-        now = self.clock()
-        stamp = _stamp_or(info, now)
-        for img, paired in pairing.on_info(info, stamp, now):
-            self.on_camera(name, img, paired, self._optical_frames.get(name, ""))
-
-    def on_timer(self) -> None:
-        now = self.clock()
-        for name, pairing in self.pairings.items():
-            for img, info in pairing.poll(now):
-                self.on_camera(name, img, info, self._optical_frames.get(name, ""))
-        with self._lock:
-            self._offer(self.sync.poll(self.clock()))
-
-    def _offer(self, frames: list[SyncedFrame]) -> None:
-        for frame in frames:
-            if self.slot.put(frame):
-                self.stats.dropped_busy += 1
-                self._warn("busy", "inference is slower than the input: dropped the older frame")
-
-    # -- inference thread ------------------------------------------------------------------
-    def step(self, timeout: float | None = 0.1) -> PipelineOutput | None:
-        """Process the newest waiting frame (None if none came within `timeout` seconds)."""
-        frame = self.slot.take(timeout)
-        if frame is None:
-            return None
-        try:
-            wanted = self.overlay_cameras() if self.overlay_cameras is not None else None
-            preds, stale = self._matching_predictions(frame.stamp_ns)
-            out = self.pipeline.process_frame(frame, self.tf_lookup, wanted, preds)
-            out.teacher_stale = stale
-        except Exception as exc:  # a bug must not kill the inference thread: report it
-            out = PipelineOutput(frame.stamp_ns, "", "error", received_ns=frame.received_ns,
-                                 error=f"internal error: {type(exc).__name__}: {exc}")
-        now = self.clock()
-        with self._lock:
-            self.stats.on_output(out, now)
-            self.teacher_used.update(out.teacher_used.keys())     # counts per camera
-            self.teacher_stale.update(out.teacher_stale.keys())
-        for name, reason in out.fusion_skipped.items():
-            if reason.startswith("teacher prediction:"):
-                self._warn(("teacher", name, reason_kind(reason[19:])), f"camera '{name}': {reason}")
-        if out.status == "error":
-            self._warn(("error", reason_kind(out.error)), out.error)
-        for name, reason in out.cameras_skipped.items():
-            self._warn(("camera", name, reason_kind(reason)), f"camera '{name}' skipped: {reason}")
-        for text in out.warnings:
-            self._warn(("warning", text), text)
-        return out
-
-    def warn_throttled(self, key: Any, text: str) -> None:
-        """A warning from outside the pipeline (e.g. TF fallbacks), throttled per ``key``."""
-        self._warn(("external", key), text)
-
-    def _on_teacher_failure(self, name: str, reason: str) -> None:
-        self._warn(("teacher", name, reason_kind(reason)),
-                   f"camera '{name}': teacher prediction failed: {reason}")
-
-    def _matching_predictions(self, stamp_ns: int
-                              ) -> tuple[list[TeacherPrediction] | None, dict[str, float]]:
-        """Asynchronous teacher: the latest prediction per camera within ``teacher_max_age`` of
-        the sweep, and the ages (s) of the others (stale); (None, {}): the teacher is inline."""
-        if self.teacher is None:
-            return None, {}
-        used, stale = [], {}
-        for name, tp in self.teacher.latest().items():
-            age = stamp_ns - tp.prediction.stamp_ns
-            if abs(age) <= self.teacher_max_age_ns:
-                used.append(tp)
-            else:
-                stale[name] = age / 1e9
-        return used, stale
-
-    def close(self) -> None:
-        self.slot.close()
-        if self.teacher is not None:
-            self.teacher.close()
-
-    def reopen(self) -> None:
-        """Undo `close` (a managed node's next activation)."""
-        self.slot.reopen()
-        if self.teacher is not None:
-            self.teacher.reopen()
-
-    # -- reporting -------------------------------------------------------------------------
-    def diagnostics(self) -> DiagnosticReport:
-        with self._lock:
-            self.stats.dropped_sync = self.sync.counters.lidar_overflow
-            report = self.stats.report(self.clock())
-        for name, pairing in self.pairings.items():
-            c = pairing.counters
-            if c.no_info:
-                report.values[f"camera.{name}.dropped[no CameraInfo yet]"] = str(c.no_info)
-            if c.unmatched:
-                report.values[f"camera.{name}.dropped[no CameraInfo within slop]"] = str(c.unmatched)
-        worker = self.teacher
-        if worker is not None:
-            with worker._cond:
-                v = report.values
-                v["teacher.mode"] = "async"
-                v["teacher.predictions"] = str(worker.done)
-                v["teacher.replaced"] = str(worker.replaced)
-                v["teacher.latency_mean_s"] = f"{worker.times.mean('teacher'):.4f}"
-                v["teacher.latency_max_s"] = f"{worker.times.max('teacher'):.4f}"
-                v["teacher.decode_mean_s"] = f"{worker.times.mean('decode'):.4f}"
-                for (name, kind), n in sorted(worker.failed.items()):
-                    v[f"camera.{name}.teacher_failed[{kind}]"] = str(n)
-                if worker.last_failure:
-                    v["teacher.last_failure"] = worker.last_failure
-            with self._lock:
-                for name, n in sorted(self.teacher_used.items()):
-                    report.values[f"camera.{name}.teacher_used"] = str(n)
-                for name, n in sorted(self.teacher_stale.items()):
-                    report.values[f"camera.{name}.teacher_stale"] = str(n)
-        elif self.pipeline.fuses_inline and self.pairings:
-            report.values["teacher.mode"] = "inline"
-        return report
-
-    def _warn(self, key: Any, text: str) -> None:
-        if self.warn is not None and self.throttle.should_log(key, self.clock()):
-            self.warn(text)

@@ -1,5 +1,8 @@
 """``sensor_msgs/PointCloud2`` ⇄ numpy structured arrays, for any field layout.
 
+(Over ~400 lines: sensor_msgs_py's read/write API and our cloud conversions share the layout
+checks and limits; one module keeps one owner of the PointCloud2 layout.)
+
 Same API and semantics as ``sensor_msgs_py.point_cloud2`` (``read_points``,
 ``read_points_numpy``, ``create_cloud``, ``dtype_from_fields``, ``fields_from_dtype``), written
 without rclpy so the same code reads rclpy messages and rosbags' deserialised messages. It
@@ -32,17 +35,20 @@ import numpy as np
 
 from clip2scene_core import palette
 from clip2scene_core.errors import InvalidPointCloudError
+from clip2scene_core.label_spaces import UNLABELED
 from clip2scene_core.palette import unpack_rgb
 from clip2scene_core.types import Scan
 
 from .msgs import MessageFactory, data_as_array, default_factory, header_stamp_ns, make_header
+from .output_schema import OUTPUT_FIELDS, OUTPUT_SCHEMA, Column, encode_labels
 
 __all__ = [
     "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "FLOAT32", "FLOAT64", "DATATYPES",
     "DUMMY_FIELD_PREFIX", "UNLABELED", "FIELD_ALIASES", "dtype_from_fields", "fields_from_dtype",
     "read_points", "read_points_numpy", "read_points_list", "create_cloud", "create_cloud_xyz32",
     "CloudStats", "cloud_to_scan", "kept_field_values", "scan_to_cloud", "labeled_cloud",
-    "labeled_cloud_like", "LABEL_DATATYPE", "OUTPUT_FIELDS", "pack_rgb", "unpack_rgb",
+    "labeled_cloud_like", "output_cloud", "output_cloud_like", "LABEL_DATATYPE", "OUTPUT_FIELDS",
+    "pack_rgb", "unpack_rgb",
     "make_point_field", "MAX_FIELDS", "MAX_POINT_STEP", "MAX_POINTS", "MAX_CLOUD_BYTES",
 ]
 
@@ -57,14 +63,11 @@ _CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt 
 
 # Unnamed fields get this name plus their index (as in sensor_msgs_py).
 DUMMY_FIELD_PREFIX = "unnamed_field"
-# Label written for points without a class (segmenter label -1: out of range, NaN, ...).
-# The output ``label`` field is UINT32 (``LABEL_DATATYPE``); the sentinel stays 65535 so that it
-# is also the ignore value of UINT16 ground-truth clouds (``bag.LABEL_IGNORE``) and of label
-# clouds written before the field became UINT32. Class indices must stay below it.
-UNLABELED = 65535
+# ``UNLABELED`` (65535, clip2scene_core.label_spaces): the label of points without a class
+# (segmenter label -1: out of range, NaN, ...). The output ``label`` field is UINT32
+# (``LABEL_DATATYPE``). `OUTPUT_FIELDS`, the fields the segmentation writes (an input field of
+# one of these names is replaced), come from the output schema (``output_schema``).
 LABEL_DATATYPE = UINT32
-# Fields the segmentation writes; an input field of one of these names is replaced.
-OUTPUT_FIELDS = ("label", "score", "rgb")
 # Names under which drivers publish a field that ``cloud_to_scan`` asks for.
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "intensity": ("intensity", "i", "remission", "reflectance"),
@@ -83,10 +86,10 @@ MAX_POINT_STEP = 65536
 MAX_POINTS = 1 << 25
 #: bytes of ``data`` in one cloud
 MAX_CLOUD_BYTES = 1 << 31
-# Clouds this module writes may append the OUTPUT_FIELDS (label, score, rgb) to an input that
-# is at the limits; ``dtype_from_fields`` leaves them this much room.
-_OUTPUT_ROOM_FIELDS = len(OUTPUT_FIELDS)
-_OUTPUT_ROOM_BYTES = 8 * len(OUTPUT_FIELDS) + 8
+# Clouds this module writes may append the output schema's fields (label, score, rgb) to an
+# input that is at the limits; ``dtype_from_fields`` leaves them this much room.
+_OUTPUT_ROOM_FIELDS = len(OUTPUT_SCHEMA)
+_OUTPUT_ROOM_BYTES = 8 * len(OUTPUT_SCHEMA) + 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,16 +554,6 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
         raise InvalidPointCloudError(str(exc)) from None
 
 
-def _label_values(labels: np.ndarray) -> np.ndarray:
-    """Segmenter labels (-1 = none) → UINT32 ``label`` values (``UNLABELED`` for -1)."""
-    if labels.dtype.kind not in "iu":
-        raise InvalidPointCloudError(f"labels must be integers, got {labels.dtype}")
-    if labels.size and (labels.min() < -1 or labels.max() >= UNLABELED):
-        raise InvalidPointCloudError(
-            f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
-    return np.where(labels < 0, UNLABELED, labels).astype(DATATYPES[LABEL_DATATYPE])
-
-
 def _packed_rgb(rgb: np.ndarray, n: int) -> np.ndarray:
     """(n, 3) uint8 colours or already-packed (n,) 32-bit values → (n,) float32 field values."""
     rgb = np.asarray(rgb)
@@ -572,18 +565,37 @@ def _packed_rgb(rgb: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.float32)
 
 
-def _output_columns(n: int, labels: Any, scores: Any,
-                    rgb: Any) -> list[tuple[str, int, np.ndarray]]:
-    """(name, datatype, values) of label, score and [rgb], checked against ``n`` points."""
+def _given_columns(n: int, labels: Any, scores: Any, rgb: Any) -> list[Column]:
+    """The schema's label / score / [rgb] columns from arrays given by the caller (the
+    `labeled_cloud` API; the pipeline builds its columns from the schema itself)."""
     labels, scores = np.asarray(labels), np.asarray(scores)
     for name, values in (("labels", labels), ("scores", scores)):
         if values.shape != (n,):
             raise InvalidPointCloudError(f"{name} must have shape ({n},), got {values.shape}")
-    cols = [("label", LABEL_DATATYPE, _label_values(labels)),
-            ("score", FLOAT32, scores.astype(np.float32))]
+    cols: list[Column] = [("label", encode_labels(labels)), ("score", scores.astype(np.float32))]
     if rgb is not None:
-        cols.append(("rgb", FLOAT32, _packed_rgb(rgb, n)))
+        cols.append(("rgb", _packed_rgb(rgb, n)))
     return cols
+
+
+def _column_code(name: str, values: np.ndarray) -> int:
+    """PointField datatype of a column's values."""
+    code = _CODES.get((values.dtype.kind, values.dtype.itemsize))
+    if code is None or values.dtype.kind not in "iuf":
+        raise InvalidPointCloudError(
+            f"output field '{name}' has dtype {values.dtype}, which PointField cannot represent")
+    return code
+
+
+def _checked_columns(columns: Sequence[Column], n: int) -> list[tuple[str, int, np.ndarray]]:
+    out = []
+    for name, values in columns:
+        values = np.asarray(values)
+        if values.shape != (n,):
+            raise InvalidPointCloudError(
+                f"output field '{name}' must have shape ({n},), got {values.shape}")
+        out.append((name, _column_code(name, values), values))
+    return out
 
 
 def _append_fields(cols: Sequence[tuple[str, int, np.ndarray]], offset: int,
@@ -609,17 +621,36 @@ def _intensity_code(values: np.ndarray, datatype: int | None) -> int:
         if values.dtype.kind in "iuf" else FLOAT32
 
 
-def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-                  intensity: np.ndarray | None = None, rgb: np.ndarray | None = None,
-                  msg_factory: MessageFactory | None = None, *,
-                  intensity_datatype: int | None = None) -> Any:
-    """Compact output cloud (height 1): x, y, z (FLOAT32), [intensity], label (UINT32),
-    score (FLOAT32), [rgb (FLOAT32)].
+def _new_cloud(fields: list[Any], step: int, height: int, width: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(the message's zeroed ``data`` bytes, a (height, width) structured view of them): values
+    are written once, straight into the buffer the message keeps."""
+    dt = dtype_from_fields(fields, step)
+    raw = np.zeros(height * width * dt.itemsize, dtype=np.uint8)
+    return raw, raw.view(dt).reshape(height, width)
 
-    Label -1 (a point the segmenter dropped) is written as ``UNLABELED`` (65535). ``intensity``
-    keeps its array's datatype (uint8 → UINT8, float32 → FLOAT32; a type PointField cannot hold,
-    e.g. int64, becomes FLOAT32) unless ``intensity_datatype`` names one. ``rgb`` is (N, 3)
-    uint8 colours (packed here) or already-packed (N,) float32/uint32.
+
+def _cloud_message(header: Any, fields: list[Any], raw: np.ndarray, buf: np.ndarray,
+                   is_dense: bool, factory: MessageFactory) -> Any:
+    height, width = buf.shape
+    return factory.new(
+        "PointCloud2", header=header, height=int(height), width=int(width), fields=fields,
+        is_bigendian=False, point_step=int(buf.dtype.itemsize),
+        row_step=int(buf.dtype.itemsize * width), data=factory.uint8_data(raw),
+        is_dense=bool(is_dense))
+
+
+def output_cloud(header: Any, xyz: np.ndarray, columns: Sequence[Column],
+                 intensity: np.ndarray | None = None,
+                 msg_factory: MessageFactory | None = None, *,
+                 intensity_datatype: int | None = None) -> Any:
+    """Compact output cloud (height 1): x, y, z (FLOAT32), [intensity], then ``columns``
+    ((name, (N,) values) in order, e.g. ``output_schema.output_columns``; the values' dtype is
+    the field's datatype).
+
+    ``intensity`` keeps its array's datatype (uint8 → UINT8, float32 → FLOAT32; a type
+    PointField cannot hold, e.g. int64, becomes FLOAT32) unless ``intensity_datatype`` names one.
+    ``is_dense`` says whether every float field is finite.
     """
     factory = msg_factory or default_factory()
     xyz = np.asarray(xyz)
@@ -633,26 +664,47 @@ def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.n
         if intensity.shape != (n,):
             raise InvalidPointCloudError(f"intensity must have shape ({n},), got {intensity.shape}")
         cols.append(("intensity", _intensity_code(intensity, intensity_datatype), intensity))
-    cols += _output_columns(n, labels, scores, rgb)
+    cols += _checked_columns(columns, n)
     fields, step = _append_fields(cols, 0, factory)
-    dt = dtype_from_fields(fields, step)
-    points = np.empty(n, dtype=dt.newbyteorder("="))
+    raw, buf = _new_cloud(fields, step, 1, n)
+    points = buf[0]
     for name, _, values in cols:
         points[name] = values
-    return create_cloud(header, fields, points, point_step=step, msg_factory=factory)
+    is_dense = all(bool(np.all(np.isfinite(points[c]))) for c in points.dtype.names
+                   if points.dtype.fields[c][0].kind == "f")
+    if header is None:
+        header = make_header(0, "", factory)
+    return _cloud_message(header, fields, raw, buf, is_dense, factory)
 
 
-def labeled_cloud_like(cloud: Any, labels: np.ndarray, scores: np.ndarray,
-                       rgb: np.ndarray | None = None, *, select: np.ndarray | None = None,
-                       msg_factory: MessageFactory | None = None) -> Any:
-    """Output cloud in the layout of the input ``cloud``: its header, every point and field.
+def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                  intensity: np.ndarray | None = None, rgb: np.ndarray | None = None,
+                  msg_factory: MessageFactory | None = None, *,
+                  intensity_datatype: int | None = None) -> Any:
+    """Compact output cloud (height 1): x, y, z (FLOAT32), [intensity], label (UINT32),
+    score (FLOAT32), [rgb (FLOAT32)] (`output_cloud` with given arrays).
 
-    ``labels`` / ``scores`` / ``rgb`` hold one value per input point (row-major, NaN points
-    included: give them label -1 → ``UNLABELED``). All input fields pass through at their
-    offsets with their datatype and count (ring, time, t, reflectivity, intensity ...), except
-    ``label`` / ``score`` / ``rgb`` (``OUTPUT_FIELDS``), which are replaced by ours, appended after
-    the input fields. An organised cloud stays height × width; ``is_dense`` is True only when
-    every point has finite x, y, z. The output is little-endian whatever the input was.
+    Label -1 (a point the segmenter dropped) is written as ``UNLABELED`` (65535). ``rgb`` is
+    (N, 3) uint8 colours (packed here) or already-packed (N,) float32/uint32.
+    """
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise InvalidPointCloudError(f"xyz must be (N, 3), got {xyz.shape}")
+    return output_cloud(header, xyz, _given_columns(xyz.shape[0], labels, scores, rgb), intensity,
+                        msg_factory, intensity_datatype=intensity_datatype)
+
+
+def output_cloud_like(cloud: Any, columns: Sequence[Column], *, select: np.ndarray | None = None,
+                      msg_factory: MessageFactory | None = None) -> Any:
+    """Output cloud in the layout of the input ``cloud``: its header, every point and field,
+    then ``columns`` ((name, values) with one value per input point, row-major, NaN points
+    included).
+
+    All input fields pass through at their offsets with their datatype and count (ring, time,
+    t, reflectivity, intensity ...), except those named like an output field (`OUTPUT_FIELDS`
+    or a column), which are replaced by the columns, appended after the input fields. An
+    organised cloud stays height × width; ``is_dense`` is True only when every point has
+    finite x, y, z. The output is little-endian whatever the input was.
 
     ``select``: (N,) bool; when given, only those points, as an unorganised (height 1) cloud
     (same fields): the class-filtered cloud in the input's fields.
@@ -663,27 +715,41 @@ def labeled_cloud_like(cloud: Any, labels: np.ndarray, scores: np.ndarray,
     absent = [c for c in "xyz" if c not in view.dtype.names]
     if absent:
         raise InvalidPointCloudError(f"cloud has no {absent} field(s) (fields: {list(view.dtype.names)})")
-    cols = _output_columns(n, labels, scores, rgb)
+    cols = _checked_columns(columns, n)
+    replaced = set(OUTPUT_FIELDS) | {name for name, _, _ in cols}
     passed = [t for t in (_field_tuple(f, i) for i, f in enumerate(cloud.fields))
-              if t[0] not in OUTPUT_FIELDS]
+              if t[0] not in replaced]
     in_fields = [make_point_field(*t, msg_factory=factory) for t in passed]
+    in_names = dtype_from_fields(in_fields).names if in_fields else ()
     end = dtype_from_fields(in_fields).itemsize if in_fields else 0
     out_fields, step = _append_fields(cols, end, factory)
     fields = in_fields + out_fields
-    dt = dtype_from_fields(fields, step)
-    src = _select(view, [nm for nm in dt.names if nm in view.dtype.names]).reshape(-1)
-    points = np.empty(n, dtype=[(nm, dt.fields[nm][0].newbyteorder("=")) for nm in dt.names])
-    for nm in src.dtype.names:
-        points[nm] = src[nm]
-    for name, _, values in cols:
-        points[name] = values
     if select is not None:
         select = np.asarray(select)
         if select.shape != (n,) or select.dtype != bool:
             raise InvalidPointCloudError(f"select must be ({n},) bool, got {select.shape} {select.dtype}")
-        points = points[select]
+        raw, buf = _new_cloud(fields, step, 1, int(np.count_nonzero(select)))
+        points = buf[0]
+        for nm in in_names:
+            points[nm] = view[nm].reshape(-1)[select]
+        for name, _, values in cols:
+            points[name] = values[select]
     else:
-        points = points.reshape(view.shape)
+        raw, buf = _new_cloud(fields, step, *view.shape)
+        points = buf
+        for nm in in_names:
+            points[nm] = view[nm]
+        for name, _, values in cols:
+            points[name] = values.reshape(view.shape)
     is_dense = all(bool(np.all(np.isfinite(points[c]))) for c in "xyz")
-    return create_cloud(cloud.header, fields, points, point_step=step, is_dense=is_dense,
-                        msg_factory=factory)
+    return _cloud_message(cloud.header, fields, raw, buf, is_dense, factory)
+
+
+def labeled_cloud_like(cloud: Any, labels: np.ndarray, scores: np.ndarray,
+                       rgb: np.ndarray | None = None, *, select: np.ndarray | None = None,
+                       msg_factory: MessageFactory | None = None) -> Any:
+    """`output_cloud_like` with given ``labels`` / ``scores`` / ``rgb``: one value per input
+    point (row-major, NaN points included: give them label -1 → ``UNLABELED``)."""
+    n = _cloud_view(cloud).size
+    return output_cloud_like(cloud, _given_columns(n, labels, scores, rgb), select=select,
+                             msg_factory=msg_factory)

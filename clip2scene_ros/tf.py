@@ -1,5 +1,8 @@
 """TF without rclpy: TransformStamped ⇄ 4×4 matrices and a pure ``TransformBuffer``.
 
+(Over ~400 lines: the one LiDAR→camera TF policy and its three backends — bag buffer, own
+listener, tf2 — live together so that they cannot drift apart.)
+
 The replay tool reads /tf and /tf_static out of a bag and must answer "where was the LiDAR
 relative to camera X at time t" exactly like tf2 would: walk the frame tree to the common
 ancestor, interpolate each moving edge between its two nearest samples (slerp for the

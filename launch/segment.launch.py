@@ -98,7 +98,7 @@ def _class_count(checkpoint: str, class_names: str) -> int:
         from clip2scene_core.checkpoint import load_checkpoint
 
         return len(load_checkpoint(checkpoint, map_location="cpu").vocabulary.class_names)
-    except Exception:   # a bad checkpoint is the node's error to report, not RViz's
+    except Exception:  # noqa: BLE001 - a bad checkpoint is the node's error to report, not RViz's
         return 0
 
 
@@ -111,7 +111,7 @@ def _rviz_file(arg, share: str, node_name: str, namespace: str,
     try:
         cfg = load_params_file(arg("config") or f"{share}/config/segment.yaml", node_name)
         lidar, cameras = cfg.lidar_topic, cfg.cameras
-    except Exception:
+    except Exception:  # noqa: BLE001 - the node reports a bad params file; RViz shows defaults
         lidar, cameras = "", []
     lidar = arg("lidar_topic") or lidar
     cameras = _split(arg("cameras")) or cameras

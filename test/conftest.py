@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 # Text-embedding caches of the tests go to a throw-away folder, never the user's cache.
 os.environ["CLIP2SCENE_CACHE"] = tempfile.mkdtemp(prefix="clip2scene-test-cache-")
 # DDS: each test run gets its own domain and discovers only on this machine, so parallel

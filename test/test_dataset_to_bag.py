@@ -186,13 +186,13 @@ def test_semantickitti_bag_with_labels(tmp_path, data_dir):
     assert len(clouds) == len(labels) == len(reader) == 3
     stamps = [header_stamp_ns(m.msg) for m in clouds]
     assert stamps == [10**9, 11 * 10**8, 12 * 10**8]   # --start-time 1 s + frame × 0.1 s
-    for i, (c, l) in enumerate(zip(clouds, labels)):
+    for i, (c, lab_msg) in enumerate(zip(clouds, labels)):
         s = reader[i]
-        assert c.msg.header.frame_id == "velodyne" and header_stamp_ns(l.msg) == stamps[i]
+        assert c.msg.header.frame_id == "velodyne" and header_stamp_ns(lab_msg.msg) == stamps[i]
         pts = read_points(c.msg)
         assert pts.dtype.names == ("x", "y", "z", "intensity")
         np.testing.assert_array_equal(pts["z"], s.scan.points[:, 2])
-        lab = read_points(l.msg)["label"].astype(np.int64)
+        lab = read_points(lab_msg.msg)["label"].astype(np.int64)
         lab[lab == 65535] = -1
         np.testing.assert_array_equal(lab, s.labels)
     classes = json.loads(next(m.msg.data for m in msgs if m.topic == LABEL_CLASSES_TOPIC))

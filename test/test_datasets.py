@@ -11,13 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from clip2scene_core.datasets import (CLASS_NAMES, NUSCENES16_CLASSES, RELLIS3D_CLASSES,
-                                      RELLIS3D_NOTEBOOK_DISTORTION, SCANNET20_CLASSES,
+from clip2scene_core.datasets import (CLASS_NAMES, NUSCENES16_CLASSES, READERS, RELLIS3D_CLASSES,
+                                      RELLIS3D_NOTEBOOK_DISTORTION, SCANNET20_CLASSES, DatasetReader,
                                       SEMANTICKITTI19_CLASSES, NuScenesInfoReader,
                                       NuScenesReader, Rellis3DReader, Sample, ScanNetReader,
                                       SemanticKittiReader, kitti_camera_calibration,
                                       parse_kitti_calib)
-from clip2scene_core.errors import CalibrationError, Clip2SceneError, InvalidPointCloudError
+from clip2scene_core.datasets.base import load_label_array, load_points_bin
+from clip2scene_core.errors import (CalibrationError, Clip2SceneError, ConfigError,
+                                    InvalidPointCloudError)
 from clip2scene_core.geometry import (invert_transform, project_points,
                                       transform_from_quat_wxyz)
 from clip2scene_core.types import Scan
@@ -462,6 +464,53 @@ def test_rellis3d_distortion_and_errors(data_dir, tmp_path):
     (root / "000104.bin").symlink_to((data_dir / RELLIS / "vel000104.bin").resolve())
     with pytest.raises(InvalidPointCloudError, match="131072 labels for 37334 points"):
         no_images[0]
+
+
+# ---------------------------------------------------------------- the reader registry
+
+class ToyReader(DatasetReader):
+    """A new labelled reader in one class: KITTI-style ``velodyne/*.bin`` + ``labels/*.label``
+    folders, two classes of its own (raw 40 = road, 0 = unlabelled → ignore, the rest other)."""
+
+    CLASSES = ("road", "other")
+
+    def __init__(self, root: str, max_frames: int | None = None) -> None:
+        self.root = Path(root)
+        self._stems = sorted(p.stem for p in (self.root / "velodyne").glob("*.bin"))[:max_frames]
+
+    def __len__(self) -> int:
+        return len(self._stems)
+
+    def _load(self, index: int) -> Sample:
+        stem = self._stems[index]
+        pts = load_points_bin(self.root / "velodyne" / f"{stem}.bin", 4)
+        raw = load_label_array(self.root / "labels" / f"{stem}.label", np.uint32, len(pts)) & 0xFFFF
+        labels = np.where(raw == 0, -1, np.where(raw == 40, 0, 1))
+        return Sample(Scan(pts, ("x", "y", "z", "intensity")), labels=labels, token=stem,
+                      scene="toy", class_names=self.CLASSES)
+
+
+def test_a_new_reader_is_one_registry_entry(monkeypatch, data_dir):
+    """Registered under a name, a reader is built from a training config (relative paths
+    resolved, arguments checked) and feeds training's data pipeline."""
+    from training.engine.config import DataConfig
+    from training.engine.data import TrainDataset, build_reader
+
+    monkeypatch.setitem(READERS, "ToyReader", ToyReader)
+    cfg = DataConfig(reader="ToyReader", args={"root": f"{SKITTI}/sequences/00", "max_frames": 2},
+                     max_points=5000, use_sweeps=False)
+    reader = build_reader(cfg, base_dir=data_dir)
+    assert isinstance(reader, ToyReader) and len(reader) == 2
+    sample = reader[1]
+    assert sample.class_names == ToyReader.CLASSES and set(np.unique(sample.labels)) <= {-1, 0, 1}
+    assert (sample.labels == 0).sum() > 1000            # the scan's road points
+    prepared = TrainDataset(reader, cfg, seed=0, embed_dim=8, need_labels=True)[0]
+    assert len(prepared.scans[0]) == 5000 and prepared.gt.shape == (5000,)
+    with pytest.raises(ConfigError, match="do not fit ToyReader"):
+        build_reader(DataConfig(reader="ToyReader", args={"folder": "x"}))
+    monkeypatch.delitem(READERS, "ToyReader")
+    with pytest.raises(ConfigError, match="unknown reader 'ToyReader'.*Rellis3DReader"):
+        build_reader(cfg, base_dir=data_dir)
 
 
 # ---------------------------------------------------------------- Sample

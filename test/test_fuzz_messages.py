@@ -345,7 +345,7 @@ def camera_infos(draw) -> Any:
             K[draw(st.integers(0, 8))] = draw(FLOATS)
     D = draw(mostly(st.lists(st.floats(-1, 1), max_size=8),
                     st.one_of(st.lists(FLOATS, max_size=12), st.lists(st.just(0.0), max_size=100))))
-    zero_or = lambda hostile: mostly(st.just(0), hostile)   # noqa: E731
+    zero_or = lambda hostile: mostly(st.just(0), hostile)  # noqa: E731
     roi = FACTORY.new("RegionOfInterest", x_offset=draw(zero_or(st.one_of(st.integers(0, 8), U32))),
                       y_offset=draw(zero_or(st.one_of(st.integers(0, 8), U32))),
                       height=draw(zero_or(st.one_of(st.integers(0, 900), U32))),
@@ -515,7 +515,7 @@ class _StubSegmenter:
     def __init__(self) -> None:
         self.cameras: list[str] = []
 
-    def segment(self, scan, cameras=()):
+    def segment(self, scan, cameras=(), predictions=(), projections=None):
         self.cameras = [c.name for c in cameras]
         return _StubResult(len(scan))
 

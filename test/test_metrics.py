@@ -36,7 +36,9 @@ def test_merge_equals_single_update():
     rng = np.random.default_rng(0)
     gt, pred = rng.integers(0, 5, 1000), rng.integers(0, 5, 1000)
     a, b, whole = ConfusionMatrix(5), ConfusionMatrix(5), ConfusionMatrix(5)
-    a.update(pred[:400], gt[:400]); b.update(pred[400:], gt[400:]); whole.update(pred, gt)
+    a.update(pred[:400], gt[:400])
+    b.update(pred[400:], gt[400:])
+    whole.update(pred, gt)
     a.merge(b)
     np.testing.assert_array_equal(a.matrix, whole.matrix)
 

@@ -10,7 +10,7 @@ import torch
 
 from clip2scene_core.config import from_dict, to_dict
 from clip2scene_core.errors import ConfigError
-from clip2scene_core.models import BACKBONES, ModelConfig, NetOutput, VoxelBatch, build_model
+from clip2scene_core.models import BACKBONES, Backbone, ModelConfig, NetOutput, VoxelBatch, build_model
 from clip2scene_core.types import Scan
 from clip2scene_core.voxelize import VoxelConfig, voxelize
 
@@ -150,3 +150,62 @@ def test_cuda_matches_cpu(scans: list[Scan]) -> None:
         cpu = model(VoxelBatch.from_voxels(v, "cpu")).local
         gpu = model.to("cuda")(VoxelBatch.from_voxels(v, "cuda")).local.cpu()
     torch.testing.assert_close(cpu, gpu, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- the backbone registry
+class ToyBackbone(torch.nn.Module):
+    """The smallest backbone honouring the contract (``models.backbone``): a point-wise MLP."""
+
+    point_wise = True
+
+    def __init__(self, *, in_channels: int, width_multiplier: float) -> None:
+        super().__init__()
+        self.out_channels = max(1, round(32 * width_multiplier))
+        self.mlp = torch.nn.Linear(in_channels, self.out_channels)
+
+    def forward(self, batch: VoxelBatch) -> torch.Tensor:
+        return self.mlp(batch.point_features)
+
+
+def test_a_new_backbone_is_one_registry_line(monkeypatch, scans: list[Scan], tmp_path: Path) -> None:
+    """Registered by name, a backbone is built from a config, trained, saved in a deployable
+    checkpoint and run by the segmenter: nothing else dispatches on the name."""
+    from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from clip2scene_core.clip.vocabulary import Vocabulary
+    from clip2scene_core.segmenter import Segmenter
+
+    monkeypatch.setitem(BACKBONES, "toy", ToyBackbone)
+    cfg = from_dict(ModelConfig, {**to_dict(config("minkunet14a")), "backbone": "toy"})
+    model = build_model(cfg)
+    assert isinstance(model.backbone, ToyBackbone) and isinstance(model.backbone, Backbone)
+    out, batch = run(model, scans)
+    assert out.local.shape == (batch.num_points, EMBED) and out.features.shape == (batch.num_points, 8)
+    out.local.square().mean().backward()
+    assert model.backbone.mlp.weight.grad is not None
+
+    vocab = Vocabulary.preset("nuscenes16")
+    emb = torch.nn.functional.normalize(torch.randn(len(vocab.class_names), EMBED), dim=1)
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, Checkpoint(cfg, model.state_dict(), vocab, emb, "test", {}))
+    assert load_checkpoint(path).model_config.backbone == "toy"
+    result = Segmenter.load(path, device="cpu").segment(scans[0])
+    assert result.labels.shape == (len(scans[0]),) and (result.labels[result.valid] >= 0).all()
+
+    monkeypatch.delitem(BACKBONES, "toy")   # a checkpoint naming an unregistered backbone: a clear error
+    with pytest.raises(ConfigError, match="'toy' is not one of"):
+        from_dict(ModelConfig, to_dict(cfg))
+
+
+def test_a_backbone_breaking_the_contract_is_refused(monkeypatch) -> None:
+    class NoWidth(torch.nn.Module):
+        point_wise = False
+
+        def forward(self, batch: VoxelBatch) -> torch.Tensor:
+            return batch.features
+
+    monkeypatch.setitem(BACKBONES, "no_width", lambda **kwargs: NoWidth())
+    with pytest.raises(ConfigError, match="out_channels must be an int"):
+        build_model(ModelConfig(backbone="no_width"))
+    monkeypatch.setitem(BACKBONES, "not_a_module", lambda **kwargs: object())
+    with pytest.raises(ConfigError, match="not a torch nn.Module"):
+        build_model(ModelConfig(backbone="not_a_module"))

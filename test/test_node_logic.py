@@ -26,7 +26,8 @@ from clip2scene_ros.msgs import MessageFactory, header_stamp_ns
 from clip2scene_ros.node_config import (NODE_NAME, CameraConfig, NodeConfig, camera_specs, flatten,
                                         from_parameters, load_params_file, parameter_specs,
                                         to_parameters)
-from clip2scene_ros.pipeline import PipelineRunner, build_pipeline
+from clip2scene_ros.pipeline import build_pipeline
+from clip2scene_ros.runner import PipelineRunner
 from clip2scene_ros.pointcloud2 import read_points
 from clip2scene_ros.sync import SKIP_NEVER, SyncConfig
 
@@ -307,7 +308,7 @@ def test_commented_camera_example_in_config_is_valid(repo_root):
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("# cameras:"))
     example = "\n".join(line.replace("# ", "", 1) for line in lines[start:] if line.strip())
     indent = " " * 4
-    params = yaml.safe_load("\n".join(l[len(indent):] for l in example.splitlines()))
+    params = yaml.safe_load("\n".join(line[len(indent):] for line in example.splitlines()))
     cfg = from_parameters(flatten(params))
     cam = cfg.camera_list[0]
     assert (cam.name, cam.transport, cam.image_topic) == (
@@ -649,3 +650,18 @@ def test_launch_namespace_remaps_and_managed_node(repo_root, monkeypatch, tmp_pa
     assert "/right/seg_right/labeled_points" in topics and "/right/seg_right/overlay/front" in topics
     label_view = next(d for d in shown["Displays"] if d.get("Channel Name") == "label")
     assert label_view["Max Intensity"] == 15
+
+
+def test_parameters_and_yaml_configs_share_one_scalar_type_check():
+    from clip2scene_core.config import check_scalar
+    from clip2scene_ros.node_config import check_type
+
+    for tp, bad in ((int, 1.5), (int, True), (float, "x"), (float, False), (bool, 1), (str, 3)):
+        with pytest.raises(ConfigError) as core:
+            check_scalar(bad, tp, "p")
+        with pytest.raises(ConfigError) as node:
+            check_type("p", bad, tp)
+        assert str(core.value) == str(node.value)
+    assert check_type("p", 2, float) == 2.0 and isinstance(check_type("p", 2, float), float)
+    with pytest.raises(ConfigError, match="list of strings"):
+        check_type("p", ["a", 1], list)

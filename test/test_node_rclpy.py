@@ -31,27 +31,27 @@ if os.environ.get("CLIP2SCENE_REQUIRE_ROS") == "1":
 else:
     rclpy = pytest.importorskip("rclpy")
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.srv import GetParameters  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import GetParameters
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
 
-from clip2scene_core.errors import ConfigError  # noqa: E402
-from clip2scene_ros import node as node_module  # noqa: E402
-from clip2scene_ros.label_info import parse_label_classes  # noqa: E402
-from clip2scene_ros.msgs import MessageFactory  # noqa: E402
-from clip2scene_ros.node import SegmenterNode  # noqa: E402
-from clip2scene_ros.node_config import NODE_NAME  # noqa: E402
-from clip2scene_ros.pointcloud2 import FLOAT32, UINT32, read_points  # noqa: E402
-from clip2scene_ros.tf import ListenerBuffer, matrix_to_transform  # noqa: E402
+from clip2scene_core.errors import ConfigError
+from clip2scene_ros import node as node_module
+from clip2scene_ros.label_info import parse_label_classes
+from clip2scene_ros.msgs import MessageFactory
+from clip2scene_ros.node import SegmenterNode
+from clip2scene_ros.node_config import NODE_NAME
+from clip2scene_ros.pointcloud2 import FLOAT32, UINT32, read_points
+from clip2scene_ros.tf import ListenerBuffer, matrix_to_transform
 
-from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, make_camera, make_cloud,  # noqa: E402
+from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, make_camera, make_cloud,
                            subsample)
-from test_pipeline import checkpoint, nusc  # noqa: E402,F401  (shared module fixtures)
+from test_pipeline import checkpoint, nusc  # noqa: F401 (shared module fixtures)
 
 MS = 1_000_000
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -316,7 +316,7 @@ def _stand_in_tf2_and_message_filters(monkeypatch, calls: dict) -> None:
             except KeyError:
                 raise TransformException(f"{source} -> {target} unknown") from None
 
-    def TransformListener(buffer, node, **kw):   # noqa: N802 (tf2_ros' name)
+    def TransformListener(buffer, node, **kw):  # (tf2_ros' name)
         calls["listener_node"] = node
         return types.SimpleNamespace(unregister=lambda: None)
 
@@ -330,7 +330,7 @@ def _stand_in_tf2_and_message_filters(monkeypatch, calls: dict) -> None:
             self.subscribers, self.queue_size, self.slop = subscribers, queue_size, slop
             calls.setdefault("syncs", []).append(self)
 
-        def registerCallback(self, callback):   # noqa: N802 (message_filters' name)
+        def registerCallback(self, callback):  # (message_filters' name)
             self.callback = callback
 
     monkeypatch.setitem(sys.modules, "tf2_ros", types.SimpleNamespace(

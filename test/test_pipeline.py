@@ -563,3 +563,63 @@ def test_a_failing_camera_is_skipped_and_counted_and_the_sweep_still_goes_out(pi
     stats.on_output(out2, 2)
     assert stats.camera_skipped[("bmp", "ImageDecodeError")] == 1
     assert stats.camera_skipped[("front", "unexpected RuntimeError")] == 1
+
+
+# ----------------------------------------------------------------------------- shared projections
+def test_each_camera_is_projected_once_per_sweep_for_fusion_and_overlay(checkpoint, nusc, factory,
+                                                                       monkeypatch):
+    import clip2scene_core.geometry.projection as projection
+
+    calls = []
+    real = projection._project
+    monkeypatch.setattr(projection, "_project", lambda *a: calls.append(a) or real(*a))
+    seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
+    pipe = SegmentationPipeline(seg, PipelineConfig(), factory, make_lookup(nusc, factory))
+    pts = subsample(nusc.points)
+    out = pipe.process(make_cloud(pts, factory), [make_camera(nusc, factory)])
+    assert out.status == "ok" and out.fusion_skipped == {} and set(out.overlays) == {"front"}
+    assert len(calls) == 1                      # fusion and the overlay shared one projection
+    proj = out.projections["front"]
+    assert len(proj) == len(out.labels) == len(pts) and proj.valid.any()
+
+
+def test_the_node_min_depth_governs_camera_fusion(checkpoint, nusc, factory):
+    """Points closer than `min_depth` to the camera are neither drawn nor fused: with a
+    min_depth beyond every point, the camera adds nothing to the labels."""
+    seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
+    assert seg.config.min_depth == 0.5            # the segmenter's own default is not what counts
+    lidar_only = Segmenter.load(checkpoint, device="cpu")
+    cloud = make_cloud(subsample(nusc.points), factory)
+    lookup = make_lookup(nusc, factory)
+    near = SegmentationPipeline(seg, PipelineConfig(), factory, lookup).process(
+        cloud, [make_camera(nusc, factory)])
+    far = SegmentationPipeline(seg, PipelineConfig(min_depth=1000.0), factory, lookup).process(
+        cloud, [make_camera(nusc, factory)])
+    ref = SegmentationPipeline(lidar_only, PipelineConfig(), factory, lookup).process(cloud)
+    assert near.fusion_skipped == {} and near.projections["front"].valid.any()
+    assert not far.projections["front"].valid.any()
+    assert far.fusion_skipped == {"front": "no point projects into the image"}
+    np.testing.assert_array_equal(far.labels, ref.labels)
+    np.testing.assert_array_equal(far.scores, ref.scores)
+    assert not np.array_equal(near.scores, ref.scores)
+
+
+def test_segmenter_fuses_given_projections_exactly_as_its_own(checkpoint, nusc):
+    """A projection of every point of the scan, rows picked for the points the network kept,
+    gives bit for bit the labels of the segmenter projecting the kept points itself."""
+    from clip2scene_core.geometry import project_points
+    from clip2scene_core.types import Calibration, CameraFrame, Scan
+
+    seg = Segmenter.load(checkpoint, device="cpu", teacher=tiny_teacher())
+    pts = subsample(nusc.points)[:, :4].copy()
+    pts[::13, :3] = np.nan                        # dropped by the voxeliser: rows must line up
+    scan = Scan(pts)
+    cal = Calibration(CameraModel(1600, 900, nusc.K), nusc.lidar2cam)
+    frame = CameraFrame("front", nusc.rgb, cal)
+    own = seg.segment(scan, [frame])
+    given = seg.segment(scan, [frame], projections=[project_points(scan.xyz, cal, min_depth=0.5)])
+    assert own.info["cameras_used"] == given.info["cameras_used"] == ["front"]
+    np.testing.assert_array_equal(given.labels, own.labels)
+    np.testing.assert_array_equal(given.scores, own.scores)
+    with pytest.raises(ConfigError, match="one per camera"):
+        seg.segment(scan, [frame], projections=[])

@@ -352,3 +352,29 @@ def test_ground_truth_reads_uint16_and_uint32_label_clouds(kitti_bag):
     out_cloud = labeled_cloud(gt_msg.header, xyz, gt, np.ones(gt.size), msg_factory=factory)
     assert read_points(out_cloud)["label"].dtype == np.uint32
     np.testing.assert_array_equal(replay.labels_from_cloud(out_cloud), gt)
+
+
+def test_renders_reuse_the_pipelines_decoded_cameras(work, nus_bag, nus_ckpt, monkeypatch):
+    """With overlays on, every camera is decoded and projected once per sweep by the pipeline;
+    the frame render draws from those (no second decode), and looks the same as a render that
+    decodes for itself (overlays off: the cameras are idle, the renderer decodes them)."""
+    from clip2scene_ros.pipeline import SegmentationPipeline
+
+    calls: list[str] = []
+    original = SegmentationPipeline.camera_frame
+
+    def counting(self, cam, *a, **kw):
+        calls.append(cam.name)
+        return original(self, cam, *a, **kw)
+
+    monkeypatch.setattr(SegmentationPipeline, "camera_frame", counting)
+    pngs = {}
+    for name, extra in (("with_overlays", ["--overlays"]), ("idle", [])):
+        calls.clear()
+        assert replay.main([str(nus_bag), "--out", str(work / f"render_{name}"), "--checkpoint", str(nus_ckpt),
+                            "--device", "cpu", "--render-frames", "0", "--max-frames", "1",
+                            "--no-progress", "--quiet", *extra]) == 0
+        assert sorted(calls) == sorted(set(calls)) and len(calls) == 6, calls   # once per camera
+        report = json.loads((work / f"render_{name}_report" / "report.json").read_text())
+        pngs[name] = {Path(p).name: Path(p).read_bytes() for p in report["renders"]}
+    assert len(pngs["idle"]) == 7 and pngs["with_overlays"] == pngs["idle"]

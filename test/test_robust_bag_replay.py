@@ -6,7 +6,6 @@ import errno
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,15 @@ import pytest
 from clip2scene_core.errors import Clip2SceneError, ConfigError
 from clip2scene_ros import replay
 from clip2scene_ros.bag import (LABEL_CLASSES_TOPIC, LABELS_TOPIC, WRITER_MARK_KEY, BagError,
-                                BagReader, BagWriter, ReadReport, _McapSalvage)
+                                BagReader, BagWriter, ReadReport)
+from clip2scene_ros.bag.mcap_salvage import McapSalvage
 from clip2scene_ros.msgs import MessageFactory
 from clip2scene_ros.pointcloud2 import FLOAT32, UINT16, create_cloud, make_point_field, read_points
-from training.tools import nuscenes_to_bag, safe_child, semantickitti_to_bag
+from training.tools import nuscenes_to_bag, semantickitti_to_bag
+from training.tools.converter_cli import safe_child
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_replay import _checkpoint  # noqa: E402
-from test_replay import kitti_bag, nus_bag, nus_ckpt, work  # noqa: E402,F401  (shared module fixtures)
+from test_replay import _checkpoint
+from test_replay import kitti_bag, nus_bag, nus_ckpt, work  # noqa: F401 (shared module fixtures)
 
 NUS3 = "nuscenes/dororo99_v1.0-extract_3samples"
 TABLES = "v1.0-extract-subset"
@@ -205,7 +205,8 @@ def _chunks_of(path: Path) -> tuple[list[int], dict[int, int]]:
     """Start of each zstd frame (mcap chunk payload) and messages per chunk number."""
     data = path.read_bytes()
     starts = [i for i in range(len(data) - 4) if data[i:i + 4] == b"\x28\xb5\x2f\xfd"]
-    sal = _McapSalvage(path, ReadReport())
+    sal = McapSalvage(path, ReadReport())
+    sal.close()
     per_chunk: dict[int, int] = {}
     for _, no, _, _ in sal.index:
         per_chunk[no] = per_chunk.get(no, 0) + 1
@@ -246,9 +247,11 @@ def test_mcap_salvage_damaged_chunk_header_keeps_its_place(work, nus_bag):
     f = next(bag.glob("*.mcap"))
     starts, per_chunk = _chunks_of(f)
     data = bytearray(f.read_bytes())
-    payload = _McapSalvage(f, ReadReport()).chunks[0][0]
+    sal = McapSalvage(f, ReadReport())
+    sal.close()
+    op_at = sal.chunks[0].at
     # record: opcode, length u64, start/end/size u64 ×3, crc u32, "zstd" (u32 + 4), size u64
-    op_at = payload - 8 - 8 - 4 - 24 - 8 - 1
+    payload = op_at + 1 + 8 + 24 + 4 + 8 + 8
     assert data[op_at] == 0x06 and payload == starts[0]
     data[op_at + 1:op_at + 9] = (2**40).to_bytes(8, "little")
     data[payload:payload + 4] = b"\0\0\0\0"

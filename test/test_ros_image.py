@@ -449,3 +449,26 @@ def test_absurd_camera_info_values_are_calibration_errors(front_info, change, ma
             setattr(msg, key, FACTORY.float64_array(change[key]))
     with pytest.raises(CalibrationError, match=match):
         camera_info_to_model(msg)
+
+
+def test_one_definition_of_distortion_models_for_types_lens_code_and_camera_info():
+    from clip2scene_core.distortion import normalize_distortion, resolve_distortion_model
+    from clip2scene_core.geometry import distortion_coefficients
+    from clip2scene_core.types import CameraModel
+    from clip2scene_ros.image import _distortion
+
+    assert resolve_distortion_model("", [0, 0, 0]) == "none"
+    assert resolve_distortion_model("", [0.1]) == "plumb_bob"
+    assert CameraModel(4, 4, np.eye(3), [0.1, 0.0], "").distortion_model == "plumb_bob"
+    model, D = normalize_distortion("plumb_bob", [0.1, 0.2, 0.0, 0.0])
+    assert model == "plumb_bob" and D.tolist() == [0.1, 0.2, 0.0, 0.0, 0.0]
+    assert _distortion("", np.array([0.1, 0.2, 0.0, 0.0]), "cam")[1].tolist() == D.tolist()
+    np.testing.assert_array_equal(
+        distortion_coefficients(CameraModel(4, 4, np.eye(3), [0.1, 0.2, 0, 0], "plumb_bob")), D)
+    for model, D in (("fisheye62", []), ("none", [0.1]), ("equidistant", [0, 0, 0, 0, 1.0]),
+                     ("plumb_bob", [np.nan])):
+        with pytest.raises(CalibrationError) as core:
+            normalize_distortion(model, D)
+        with pytest.raises(CalibrationError) as ros:
+            _distortion(model, np.asarray(D, dtype=float), "cam")
+        assert str(ros.value) == f"camera 'cam': {core.value}"

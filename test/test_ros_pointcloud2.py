@@ -398,11 +398,11 @@ def test_uint8_intensity_keeps_its_datatype(nuscenes_points):
     assert back["intensity"].dtype == np.uint8
     np.testing.assert_array_equal(back["intensity"], values)
     # float32 stays FLOAT32; a type PointField lacks (int64) becomes FLOAT32; or ask for one
-    for given, datatype, want in ((values.astype(np.float32), None, FLOAT32),
+    for intensity, datatype, want in ((values.astype(np.float32), None, FLOAT32),
                                   (values.astype(np.int64), None, FLOAT32),
                                   (values, FLOAT64, FLOAT64)):
         o = labeled_cloud(msg.header, scan.xyz, np.zeros(len(scan), np.int64), np.ones(len(scan)),
-                          given, msg_factory=FACTORY, intensity_datatype=datatype)
+                          intensity, msg_factory=FACTORY, intensity_datatype=datatype)
         assert {f.name: f.datatype for f in o.fields}["intensity"] == want
         np.testing.assert_array_equal(read_points(o)["intensity"], values)
 

@@ -110,7 +110,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(ckpt_path, tmp_path):
     torch.save({**data, "state_dict": bad_state}, tmp_path / "missing_weights.pt")
     torch.save({**data, "model_config": {**data["model_config"], "bakbone": "x"}}, tmp_path / "badcfg.pt")
     for name, pattern in [("trunc.pt", "corrupt|cannot be read"), ("garbage.pt", "corrupt|cannot be read"),
-                          ("other.pt", "not a clip2scene checkpoint"), ("future.pt", "version 99"),
+                          ("other.pt", "not a clip2scene.checkpoint"), ("future.pt", "version 99"),
                           ("missing_weights.pt", "do not fit"), ("badcfg.pt", "bakbone"),
                           ("absent.pt", "not found")]:
         with pytest.raises(CheckpointError, match=pattern):

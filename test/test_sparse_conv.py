@@ -119,7 +119,8 @@ def test_strided_conv_matches_dense(k: int) -> None:
     oc = y.coords.long()
     assert torch.equal(torch.unique(oc, dim=0), oc), "output coords sorted and unique"
     if k == 2 or k == 1:
-        expect = torch.unique(torch.cat([coords[:, :1].long(), torch.div(coords[:, 1:].long(), 2, rounding_mode="floor")], 1), dim=0)
+        down = torch.div(coords[:, 1:].long(), 2, rounding_mode="floor")
+        expect = torch.unique(torch.cat([coords[:, :1].long(), down], 1), dim=0)
         assert torch.equal(oc, expect)
 
     dense_in = to_dense(coords, feats.detach(), lo, G).requires_grad_(True)

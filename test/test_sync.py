@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clip2scene_core.errors import ConfigError
-from clip2scene_ros.sync import (PAIR_LATEST, PAIR_SYNCHRONIZED, CameraInfoPairing, SKIP_NEVER, SKIP_NO_MATCH, SKIP_TIMEOUT, FrameSync, LatestSlot,
-                                 SyncConfig)
+from clip2scene_ros.sync import (PAIR_LATEST, PAIR_SYNCHRONIZED, SKIP_NEVER, SKIP_NO_MATCH, SKIP_TIMEOUT,
+                                 CameraInfoPairing, FrameSync, LatestSlot, SyncConfig)
 
 CAMS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT")
 MS = 1_000_000

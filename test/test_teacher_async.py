@@ -14,10 +14,11 @@ import torch
 
 from clip2scene_core.segmenter import Segmenter
 from clip2scene_ros import pipeline as pipeline_mod
-from clip2scene_ros.pipeline import PipelineConfig, PipelineRunner, SegmentationPipeline
+from clip2scene_ros.pipeline import PipelineConfig, SegmentationPipeline
+from clip2scene_ros.runner import PipelineRunner
 from clip2scene_ros.sync import SyncConfig
 
-from test_node_logic import FakeClock, checkpoint, factory, nusc  # noqa: F401  (shared fixtures)
+from test_node_logic import FakeClock, checkpoint, factory, nusc  # noqa: F401 (shared fixtures)
 from test_pipeline import (FRONT_STAMP, LIDAR_STAMP, make_camera, make_cloud, make_lookup,
                            subsample, tiny_teacher)
 

@@ -241,11 +241,11 @@ def test_every_dataset_class_matches_its_vocabulary_preset():
     """ScanNet's ``otherfurniture`` once mapped to -1 against the preset's ``other furniture``
     (642 of 81,369 points of the bundled scene silently left out). No class may be unmatched."""
     from clip2scene_core.datasets.classes import CLASS_NAMES
-    from training.evaluate import label_map
+    from clip2scene_core.label_spaces import class_map
 
     for dataset, names in CLASS_NAMES.items():       # each label space has a preset of its name
         vocab = Vocabulary.preset(dataset).class_names
-        m = label_map(names, vocab)
+        m = class_map(names, vocab)
         assert m is None or sorted(m.tolist()) == list(range(len(vocab))), dataset
     with pytest.raises(ConfigError, match="unicorn"):
-        label_map(["car", "unicorn"], ["car", "road"])
+        class_map(["car", "unicorn"], ["car", "road"])

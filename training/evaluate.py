@@ -13,49 +13,20 @@ point of every scan (points the voxeliser drops count as wrong). Writes
 """
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:          # runnable from the repo root without installing
-    sys.path.insert(0, str(_ROOT))
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from clip2scene_core.errors import Clip2SceneError, ConfigError  # noqa: E402
-from training.engine.config import EvaluateConfig, load_training_config  # noqa: E402
+from clip2scene_core.cli import TRAINING_LOG_FORMAT, start_cli
+from clip2scene_core.errors import Clip2SceneError, ConfigError
+from training.engine.config import EvaluateConfig, load_training_config
 
 log = logging.getLogger("clip2scene.evaluate")
-
-
-def class_key(name: str) -> str:
-    """Spelling-free key of a class name: ``other-vehicle``, ``other_vehicle`` and ``Other
-    Vehicle`` are one class, and so are ScanNet's ``otherfurniture`` and the vocabulary's
-    ``other furniture``."""
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def label_map(dataset_names: Sequence[str] | None, vocab_names: Sequence[str]) -> np.ndarray | None:
-    """Dataset label index → vocabulary index; None when both lists are the same.
-
-    Every dataset class must be in the vocabulary (matched by `class_key`): an unmatched class
-    is a ConfigError naming it, never a silent -1 that drops its points from evaluation and
-    fine-tuning.
-    """
-    if dataset_names is None or list(dataset_names) == list(vocab_names):
-        return None
-    where = {class_key(n): i for i, n in enumerate(vocab_names)}
-    m = np.array([where.get(class_key(n), -1) for n in dataset_names], dtype=np.int64)
-    missing = [n for n, i in zip(dataset_names, m) if i < 0]
-    if missing:
-        raise ConfigError(f"dataset class(es) {missing} are not in the vocabulary "
-                          f"{list(vocab_names)}: every labelled class needs a vocabulary class")
-    return m
 
 
 def evaluate_segmenter(segmenter, samples: Sequence[Any], heads: Sequence[str] = ("local", "global"),
@@ -63,6 +34,7 @@ def evaluate_segmenter(segmenter, samples: Sequence[Any], heads: Sequence[str] =
     """Confusion matrices of ``segmenter`` on labelled ``samples`` for each head."""
     from tqdm import tqdm
 
+    from clip2scene_core.label_spaces import class_map, remap_labels
     from clip2scene_core.metrics import ConfusionMatrix
 
     names = list(segmenter.class_names)
@@ -73,9 +45,7 @@ def evaluate_segmenter(segmenter, samples: Sequence[Any], heads: Sequence[str] =
         if sample.labels is None:
             continue
         gt = np.asarray(sample.labels, dtype=np.int64)
-        m = label_map(getattr(sample, "class_names", None), names)
-        if m is not None:
-            gt = np.where(gt >= 0, m[np.clip(gt, 0, None)], -1)
+        gt = remap_labels(gt, class_map(getattr(sample, "class_names", None), names))
         for h in heads:
             segmenter.head = h
             res = segmenter.segment(sample.scan)
@@ -143,7 +113,7 @@ def run(cfg: EvaluateConfig, *, reader=None, write_checkpoint: bool = True) -> d
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    start_cli(logging.INFO, TRAINING_LOG_FORMAT)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

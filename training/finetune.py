@@ -14,24 +14,20 @@ Resume state, SIGTERM handling and TensorBoard as in pre-training.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:          # runnable from the repo root without installing
-    sys.path.insert(0, str(_ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from clip2scene_core.config import to_dict  # noqa: E402
-from clip2scene_core.errors import Clip2SceneError, ConfigError  # noqa: E402
-from training.engine.config import FinetuneConfig, load_training_config  # noqa: E402
+from clip2scene_core.cli import TRAINING_LOG_FORMAT, start_cli
+from clip2scene_core.config import to_dict
+from clip2scene_core.errors import Clip2SceneError, ConfigError
+from training.engine.config import FinetuneConfig, load_training_config
 
 log = logging.getLogger("clip2scene.finetune")
 
@@ -67,6 +63,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
     """Fine-tune (see the module doc). Settings are validated first; ``resume`` refuses a state
     of another model or other settings (``force_resume``: accept other settings); a NaN/inf
     loss stops training with ``NonFiniteLossError``, leaving the last good state in place."""
+    from clip2scene_core.label_spaces import class_map
     from clip2scene_core.models import build_model
     from training.engine import common
     from training.engine.data import Subset, TrainDataset, build_reader, sample_scenes, scene_subsample
@@ -75,7 +72,6 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
     from training.engine.objectives import FinetuneObjective, SegmentationModel
     from training.engine.state import seed_everything
     from training.engine.config import validate_config
-    from training.evaluate import label_map
 
     validate_config(cfg)
     resume = resume or force_resume
@@ -116,7 +112,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
         reader = Subset(reader, keep)
         scenes_used = sorted({scenes[i] for i in keep})
         first = reader[0]
-        lmap = label_map(getattr(first, "class_names", None), vocab.class_names)
+        lmap = class_map(getattr(first, "class_names", None), vocab.class_names)
         dataset = TrainDataset(reader, cfg.data, cfg.run.seed, model_cfg.embed_dim, None, None,
                                augment=True, need_labels=True, label_map=lmap)
         val = None
@@ -160,7 +156,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, *, reader=None, val_reader=No
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    start_cli(logging.INFO, TRAINING_LOG_FORMAT)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true",

@@ -12,21 +12,17 @@ baselines) and ``<out_dir>/model.pt`` (deployable checkpoint for the node / repl
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:          # runnable from the repo root without installing
-    sys.path.insert(0, str(_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-import torch  # noqa: E402
-
-from clip2scene_core.config import to_dict  # noqa: E402
-from clip2scene_core.errors import Clip2SceneError, ConfigError  # noqa: E402
-from training.engine.config import PretrainConfig, load_training_config  # noqa: E402
+from clip2scene_core.cli import TRAINING_LOG_FORMAT, start_cli
+from clip2scene_core.config import to_dict
+from clip2scene_core.errors import Clip2SceneError, ConfigError
+from training.engine.config import PretrainConfig, load_training_config
 
 log = logging.getLogger("clip2scene.pretrain")
 
@@ -136,7 +132,7 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    start_cli(logging.INFO, TRAINING_LOG_FORMAT)
     args = parse_args(argv)
     try:
         cfg = load_training_config(PretrainConfig, args.config, args.overrides)

@@ -103,9 +103,10 @@ def _value_weights(attn: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:
     return w, b
 
 
-def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions = MaskClipOptions()
+def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Dense (B, D, gh, gw) MaskCLIP features and the pooled (B, D) image embedding (unnormalised)."""
+    opts = opts or MaskClipOptions()
     b, _, hp, wp = x.shape
     p = vision_stride(visual)
     if hp % p or wp % p:
@@ -144,9 +145,10 @@ def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions = MaskClipOp
     return dense.contiguous(), pooled
 
 
-def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions = MaskClipOptions()
+def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
                    ) -> tuple[Tensor, Tensor]:
     """Dense (B, D, h, w) MaskCLIP features and the attention-pooled (B, D) embedding."""
+    opts = opts or MaskClipOptions()
     f = visual.stem(x)
     f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(f))))   # (B, C, h, w)
     pool = visual.attnpool
@@ -176,7 +178,7 @@ def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions = MaskCli
     return d.contiguous(), pooled
 
 
-def dense_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions = MaskClipOptions()
+def dense_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
                   ) -> tuple[Tensor, Tensor]:
     """Dispatch on the tower type; returns (dense (B, D, h, w), pooled (B, D)), unnormalised."""
     if vision_kind(visual) == "resnet":

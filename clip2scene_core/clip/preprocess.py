@@ -131,7 +131,7 @@ def as_image_batch(images: np.ndarray | Tensor | Sequence[np.ndarray]) -> np.nda
 
 
 def preprocess_images(images: np.ndarray | Tensor | Sequence[np.ndarray], stride: int,
-                      cfg: PreprocessConfig = PreprocessConfig(),
+                      cfg: PreprocessConfig | None = None,
                       mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
                       device: torch.device | str = "cpu") -> tuple[Tensor, ImageGeometry]:
     """(B, 3, Hp, Wp) float32 normalised network input and its ``ImageGeometry``.
@@ -141,7 +141,7 @@ def preprocess_images(images: np.ndarray | Tensor | Sequence[np.ndarray], stride
     """
     batch = as_image_batch(images)
     b, height, width, _ = batch.shape
-    geo = compute_geometry(height, width, stride, cfg)
+    geo = compute_geometry(height, width, stride, cfg or PreprocessConfig())
     (h, w), (hp, wp), (oy, ox) = geo.resized_size, geo.input_size, geo.offset
     interp = cv2.INTER_AREA if h < height else cv2.INTER_CUBIC
     resized = np.stack([cv2.resize(np.ascontiguousarray(im), (w, h), interpolation=interp) for im in batch])

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_torch_save
-from ..checkpoint import seal, verify_digest
 from ..errors import CheckpointError, ConfigError
+from ..versioned import FileKind, load_versioned, seal
 from .prompts import DEFAULT_TEMPLATES, build_prompts, resolve_templates
 from .vocabulary import Vocabulary
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS_FORMAT = "clip2scene-text-embeddings"
 EMBEDDINGS_VERSION = 1
+EMBEDDINGS_KIND = FileKind(EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION, "text embedding file")
 CACHE_ENV = "CLIP2SCENE_CACHE"
 
 Encoder = Callable[[list[str]], Tensor]
@@ -143,18 +144,7 @@ def load_text_embeddings(path: str | Path, model_name: str | None = None,
                          embed_dim: int | None = None) -> TextEmbeddings:
     """Read an embedding file; CheckpointError if missing, corrupt or made for something else."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"text embedding file not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: not a readable text embedding file ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != EMBEDDINGS_FORMAT:
-        raise CheckpointError(f"{path}: not a {EMBEDDINGS_FORMAT} file")
-    if data.get("version") != EMBEDDINGS_VERSION:
-        raise CheckpointError(f"{path}: unsupported version {data.get('version')!r} "
-                              f"(this code reads version {EMBEDDINGS_VERSION})")
-    verified = verify_digest(data, path, "text embedding file")
+    data, verified = load_versioned(path, EMBEDDINGS_KIND)
     try:
         te = TextEmbeddings(Vocabulary.from_dict(data["vocabulary"]), data["embeddings"],
                             str(data["model_name"]), str(data.get("weights_id", "")),

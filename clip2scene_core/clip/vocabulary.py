@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import from_dict, load_yaml
 from ..errors import ConfigError
-from .presets import PRESETS
+from ..label_spaces import LABEL_SPACES, label_space
 
 
 @dataclass
@@ -84,12 +84,13 @@ class Vocabulary:
     # --- construction -------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> "Vocabulary":
-        """A benchmark vocabulary: "nuscenes16" | "semantickitti19" | "scannet20" | "rellis3d"."""
-        key = name.lower().replace("-", "").replace("_", "")
-        if key not in PRESETS:
-            raise ConfigError(f"unknown vocabulary preset {name!r}; known: {sorted(PRESETS)}")
-        entries = PRESETS[key]
-        return cls(key, [c for c, _ in entries], {c: list(words) for c, words in entries})
+        """A benchmark vocabulary: "nuscenes16" | "semantickitti19" | "scannet20" | "rellis3d"
+        (spelling ignored): the label space's classes, by their readable names, and prompts."""
+        try:
+            space = label_space(name)
+        except ConfigError:
+            raise ConfigError(f"unknown vocabulary preset {name!r}; known: {sorted(LABEL_SPACES)}") from None
+        return cls(space.name, list(space.vocab_names), space.prompts())
 
     @classmethod
     def from_names(cls, names: Sequence[str], name: str = "custom") -> "Vocabulary":
@@ -138,11 +139,3 @@ class _VocabularySpec:
     class_names: list[str]
     synonyms: dict[str, list[str]] = field(default_factory=dict)
 
-
-def __getattr__(name: str) -> Any:
-    # The embedding bank lives in text_bank.py (it needs this module); re-export lazily so
-    # ``from clip2scene_core.clip.vocabulary import TextEmbeddingBank`` works as documented.
-    if name in ("TextEmbeddingBank", "TextEmbeddings", "save_text_embeddings", "load_text_embeddings"):
-        from . import text_bank
-        return getattr(text_bank, name)
-    raise AttributeError(name)

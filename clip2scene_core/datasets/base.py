@@ -20,6 +20,15 @@ class DatasetReader(ABC):
 
     Keeping the constructor cheap matters for training: a DataLoader worker pickles the reader and
     each worker reads only the frames it is given.
+
+    Contract of a reader (registered in ``registry.READERS`` under the name configs use):
+
+    * constructor: keyword arguments = the config's ``data.args`` (relative paths under keys
+      ending in root, path, pkl, file, bag or posed_images are made absolute by training's
+      ``build_reader``); cheap, no file contents read;
+    * ``__len__`` and ``_load(i) -> Sample`` (``Sample.labels``: (N,) int64 class index into
+      ``Sample.class_names``, -1 = ignore, or None without ground truth);
+    * ``sample_scenes()`` from the index when it can (the fallback here reads every sample).
     """
 
     @abstractmethod

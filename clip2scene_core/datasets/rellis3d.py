@@ -60,8 +60,8 @@ def read_rellis_calibration(folder: str | Path, width: int = 1920, height: int =
 class Rellis3DReader(DatasetReader):
     """Ouster scans of a RELLIS-3D folder with ontology labels mapped to ``RELLIS3D_CLASSES``.
 
-    The labels index RELLIS3D_CLASSES (void → -1); there is no CLIP preset for them, so
-    ``vocabulary_name`` is None and ``Sample.class_names`` carries the names. Points with no
+    The labels index RELLIS3D_CLASSES (void → -1, label space ``rellis3d``); ``vocabulary_name``
+    is None and ``Sample.class_names`` carries the names, as for a user's dataset. Points with no
     return are (0, 0, 0) in the files (53,364 of the 131,072 of the bundled frame); by default
     they are kept so point i is row i of the file. ``drop_no_return=True`` removes them (with
     their labels): they are not measurements, and at the sensor's origin they would otherwise

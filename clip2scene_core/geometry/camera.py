@@ -18,39 +18,18 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..distortion import normalize_distortion
 from ..errors import CalibrationError
 from ..types import CameraModel
 
 __all__ = ["check_camera_model", "distortion_coefficients", "distort", "max_valid_radius",
            "to_pixels"]
 
-_NUM_COEFFS = {"plumb_bob": 5, "rational_polynomial": 8, "equidistant": 4, "none": 0}
-
 
 def distortion_coefficients(camera: CameraModel) -> np.ndarray:
-    """D padded with zeros to the model's length; CalibrationError if it is too long or not finite.
-
-    Shorter vectors are common (plumb_bob with 4 values, an empty D), and mean "zero" for the rest.
-    Longer ones are accepted only if the extra entries are zero (ROS drivers sometimes send
-    14 values for rational_polynomial with the thin-prism terms unused).
-    """
-    model = camera.distortion_model
-    if model not in _NUM_COEFFS:
-        raise CalibrationError(f"unsupported distortion model '{model}'")
-    n = _NUM_COEFFS[model]
-    D = np.asarray(camera.D, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(D)):
-        raise CalibrationError(f"distortion coefficients are not finite: {D.tolist()}")
-    if model == "none":
-        if np.any(D != 0):
-            raise CalibrationError(f"distortion model 'none' with non-zero coefficients {D.tolist()}")
-        return np.zeros(0)
-    if D.size > n:
-        if np.any(D[n:] != 0):
-            raise CalibrationError(
-                f"{model} takes {n} coefficients, got {D.size} with non-zero extras {D[n:].tolist()}")
-        D = D[:n]
-    return np.concatenate([D, np.zeros(n - D.size)])
+    """D padded with zeros to the model's length; CalibrationError if it is too long or not
+    finite (`clip2scene_core.distortion.normalize_distortion`, the one definition)."""
+    return normalize_distortion(camera.distortion_model, camera.D)[1]
 
 
 def check_camera_model(camera: CameraModel) -> None:

@@ -29,6 +29,11 @@ class Projection:
     def __len__(self) -> int:
         return int(self.valid.shape[0])
 
+    def select(self, mask: np.ndarray) -> "Projection":
+        """The rows of the points in ``mask`` (bool (N,) or indices): a projection of all of a
+        scan's points serves any subset of them (e.g. the points a segmenter kept)."""
+        return Projection(uv=self.uv[mask], depth=self.depth[mask], valid=self.valid[mask])
+
     @property
     def pixel_indices(self) -> np.ndarray:
         """(M, 2) int64 (column, row) of the valid points, for indexing images as img[row, col]."""

@@ -140,5 +140,6 @@ class ResidualBlock(nn.Module):
         self.relu = ReLU(True)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        residual = run_sequential(self.downsample, x) if isinstance(self.downsample, nn.Sequential) else self.downsample(x)
+        ds = self.downsample
+        residual = run_sequential(ds, x) if isinstance(ds, nn.Sequential) else ds(x)
         return add_act(run_sequential(self.net, x), residual, self.relu)

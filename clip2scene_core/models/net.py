@@ -4,31 +4,33 @@ In training (``training/engine/objectives.py``) the *local* head takes the Seman
 Consistency Regularization (per point, against the text embedding of its pixel's MaskCLIP
 pseudo-label, Eq. 1) and the *global* head the Semantic-guided Spatial-Temporal Consistency
 (per grid cell, against the text-guided fusion of pixel and point features, Eq. 2-4); both
-output ``embed_dim`` channels per point and either can classify against text embeddings. Outputs are raw (not L2-normalised): the losses
-and the segmenter normalise where their formulas need it.
+output ``embed_dim`` channels per point and either can classify against text embeddings.
+Outputs are raw (not L2-normalised): the losses and the segmenter normalise where their
+formulas need it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..voxelize import VoxelConfig
+from .backbone import check_backbone
 from .batch import VoxelBatch
-from .minkunet import MINKUNET_VARIANTS, MinkUNet
-from .spvcnn import SPVCNN
-
-BACKBONES = ("minkunet14a", "minkunet18", "minkunet34", "spvcnn")
+from .registry import BACKBONES
 
 
 @dataclass
 class ModelConfig:
-    """What ``build_model`` builds; ``in_channels`` must equal ``voxel.num_channels``."""
+    """What ``build_model`` builds; ``in_channels`` must equal ``voxel.num_channels``.
 
-    backbone: Literal["minkunet14a", "minkunet18", "minkunet34", "spvcnn"] = "minkunet34"
+    ``backbone`` is a name registered in ``models.registry.BACKBONES`` (minkunet14a,
+    minkunet18, minkunet34, spvcnn).
+    """
+
+    backbone: str = "minkunet34"
     in_channels: int = 1
     embed_dim: int = 512              # CLIP embedding dimension (ViT-B/16: 512, RN50: 1024)
     width_multiplier: float = 1.0     # tests use small widths
@@ -60,10 +62,7 @@ class Clip2SceneNet(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        if cfg.backbone == "spvcnn":
-            self.backbone: nn.Module = SPVCNN(cfg.in_channels, cfg.width_multiplier)
-        else:
-            self.backbone = MinkUNet(cfg.in_channels, cfg.backbone, cfg.width_multiplier)
+        self.backbone: nn.Module = build_backbone(cfg)
         f = self.backbone.out_channels
         self.local_head = nn.Linear(f, cfg.embed_dim)
         self.global_head = nn.Linear(f, cfg.embed_dim)
@@ -93,8 +92,16 @@ class Clip2SceneNet(nn.Module):
         return NetOutput(local=local, global_=glob, features=feats)
 
 
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The registered backbone ``cfg.backbone``, randomly initialised and checked against the
+    contract (``models.backbone``)."""
+    factory = BACKBONES.get(cfg.backbone)
+    if factory is None:
+        raise ConfigError(f"model.backbone {cfg.backbone!r} is not one of {list(BACKBONES)}")
+    module = factory(in_channels=cfg.in_channels, width_multiplier=cfg.width_multiplier)
+    return check_backbone(module, cfg.backbone)
+
+
 def build_model(cfg: ModelConfig) -> Clip2SceneNet:
     """Randomly initialised network for ``cfg`` (load weights with ``load_state_dict``)."""
-    if cfg.backbone != "spvcnn" and cfg.backbone not in MINKUNET_VARIANTS:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}")
     return Clip2SceneNet(cfg)

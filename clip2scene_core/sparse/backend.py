@@ -27,9 +27,8 @@ BACKENDS = ("torch", "torchsparse")
 @lru_cache(maxsize=1)
 def torchsparse_available() -> bool:
     try:
-        import torchsparse  # noqa: F401
-        import torchsparse.nn.functional  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA extension build
+        import torchsparse.nn.functional  # noqa: F401 - importable, CUDA extension included
+    except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA extension build
         return False
     return True
 

@@ -35,7 +35,8 @@ def _im2col_index(ins: list[torch.Tensor], outs: list[torch.Tensor]) -> tuple[to
     """(input rows, output row · K + offset) of every pair, offset after offset."""
     kvol = len(ins)
     dev = ins[0].device
-    cols = torch.cat([o * kvol + k for k, o in enumerate(outs)]) if kvol else torch.zeros(0, dtype=torch.int64, device=dev)
+    cols = (torch.cat([o * kvol + k for k, o in enumerate(outs)]) if kvol
+            else torch.zeros(0, dtype=torch.int64, device=dev))
     return torch.cat(list(ins)), cols
 
 

@@ -79,7 +79,8 @@ def unique_coords(c: torch.Tensor, return_inverse: bool = False):
 def _searchsorted(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``torch.searchsorted(keys, q)``; on CPU through NumPy, whose binary search is ~1.5× faster."""
     if keys.device.type == "cpu" and keys.dtype == torch.int64 and q.dtype == torch.int64:
-        return torch.from_numpy(np.searchsorted(keys.contiguous().numpy(), q.contiguous().numpy()).astype(np.int64, copy=False))
+        pos = np.searchsorted(keys.contiguous().numpy(), q.contiguous().numpy())
+        return torch.from_numpy(pos.astype(np.int64, copy=False))
     return torch.searchsorted(keys, q)
 
 
@@ -333,7 +334,8 @@ def build_kernel_map(coords: torch.Tensor, kernel_size: int, conv_stride: int, d
         out_coords = coords
     elif kernel_size == conv_stride and dilation == 1 or kernel_size == 1:
         c = coords.to(torch.int64)
-        out_coords = unique_coords(torch.cat([c[:, :1], torch.div(c[:, 1:], conv_stride, rounding_mode="floor")], dim=1))
+        down = torch.div(c[:, 1:], conv_stride, rounding_mode="floor")
+        out_coords = unique_coords(torch.cat([c[:, :1], down], dim=1))
     else:
         out_coords = _downsample_coords(coords, offsets, conv_stride)
     oc = out_coords.to(torch.int64)

@@ -143,7 +143,8 @@ def voxel_to_point(x: SparseTensor, z: PointTensor) -> PointTensor:
             rows_t = table.query_columns_dense(corner_base, cols, 0, 2).t()
         else:
             rows_t = torch.stack([
-                table.query(torch.cat([b, base + torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1], device=q.device)], dim=1))
+                table.query(torch.cat([b, base + torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1],
+                                                              device=q.device)], dim=1))
                 for c in range(8)], 1)
         w1 = torch.stack([1 - frac, frac], dim=2)                  # (N, 3, 2): weight of bit 0 / 1
         w_t = (w1[:, 0, :, None, None] * w1[:, 1, None, :, None] * w1[:, 2, None, None, :]).reshape(-1, 8)

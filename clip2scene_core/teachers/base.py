@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import Clip2SceneError, ConfigError
+from ..label_spaces import match_classes
 
 __all__ = ["TeacherView", "Teacher2D", "TeacherError", "LegacyTeacher", "as_teacher", "identity_digest",
            "file_digest", "array_digest", "state_fingerprint", "require_known_classes", "TEACHER_METHODS"]
@@ -279,7 +280,7 @@ class LegacyTeacher:
             }
         return self._identity
 
-    def source_digest(self, view: TeacherView) -> str:  # noqa: ARG002 - the image is its only input
+    def source_digest(self, view: TeacherView) -> str:  # the image is its only input
         return ""
 
     def text_embeddings(self, vocab, templates=None, cache_dir=None) -> torch.Tensor:
@@ -318,14 +319,11 @@ def as_teacher(obj: Any) -> Any:
 
 
 def require_known_classes(vocab_names: Sequence[str], known: Sequence[str], who: str) -> list[int]:
-    """Index in ``known`` of every vocabulary class (names compared case/_/- insensitively);
-    a ConfigError lists the classes the teacher knows when one is missing."""
-    norm = lambda s: str(s).lower().replace("_", " ").replace("-", " ").strip()  # noqa: E731
-    where = {norm(n): i for i, n in enumerate(known)}
-    out, missing = [], []
-    for n in vocab_names:
-        i = where.get(norm(n))
-        (missing.append(n) if i is None else out.append(i))
+    """Index in ``known`` of every vocabulary class (names matched by
+    ``label_spaces.match_classes``); a ConfigError lists the classes the teacher knows when
+    one is missing."""
+    index = match_classes(vocab_names, known, allow_missing=True)
+    missing = [n for n, i in zip(vocab_names, index) if i < 0]
     if missing:
         raise ConfigError(f"{who} has no class {missing}; it knows {list(known)}")
-    return out
+    return index.tolist()

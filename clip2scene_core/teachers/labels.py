@@ -93,7 +93,7 @@ class LabelImageTeacher:
     def source_digest(self, view: TeacherView) -> str:
         return file_digest(self.locator(view))
 
-    def text_embeddings(self, vocab: Any, templates: Any = None, cache_dir: Any = None) -> torch.Tensor:  # noqa: ARG002
+    def text_embeddings(self, vocab: Any, templates: Any = None, cache_dir: Any = None) -> torch.Tensor:
         """The class vectors of the vocabulary's classes (each must be one of ``class_names``)."""
         names = getattr(vocab, "class_names", vocab)
         return self.vectors[require_known_classes(list(names), self.class_names, "the label-image teacher")]

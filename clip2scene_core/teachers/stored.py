@@ -103,7 +103,7 @@ class StoredPredictionTeacher:
     def source_digest(self, view: TeacherView) -> str:
         return file_digest(self.locator(view))
 
-    def text_embeddings(self, vocab: Any, templates: Any = None, cache_dir: Any = None) -> torch.Tensor:  # noqa: ARG002
+    def text_embeddings(self, vocab: Any, templates: Any = None, cache_dir: Any = None) -> torch.Tensor:
         names = getattr(vocab, "class_names", vocab)
         return self.class_embeddings[require_known_classes(list(names), self.class_names,
                                                            "the stored-prediction teacher")]

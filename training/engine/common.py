@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from clip2scene_core.config import from_dict, to_dict
 from clip2scene_core.errors import CheckpointError, ConfigError
+from clip2scene_core.versioned import read_torch_file
 
 from .config import RunConfig, TeacherConfig, VocabConfig
 from .data import Subset
@@ -115,12 +116,7 @@ def read_any_checkpoint(path: str | Path) -> dict[str, Any]:
     from clip2scene_core.models import ModelConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    raw = read_torch_file(path, "checkpoint")
     if isinstance(raw, dict) and raw.get("format") == STATE_FORMAT:
         st = check_state(raw, path)            # digest, version, finite weights
         try:

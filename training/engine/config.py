@@ -33,9 +33,9 @@ class AugmentConfig:
 class DataConfig:
     """Which reader to build and how to sample it.
 
-    ``reader`` names a class of ``clip2scene_core.datasets`` (NuScenesReader,
+    ``reader`` names an entry of ``clip2scene_core.datasets.READERS`` (NuScenesReader,
     NuScenesInfoReader, SemanticKittiReader, ScanNetReader, Rellis3DReader) or ``"rosbag"``
-    (``clip2scene_ros.bag``); ``args`` are its constructor arguments. Relative paths in args
+    (``training.engine.data.TRAINING_READERS``); ``args`` are its constructor arguments. Relative paths in args
     (keys ending in root/path/pkl/dir/file) are resolved against the config file's repo root.
     """
 

@@ -6,7 +6,6 @@ worker builds it and whether or not the run was resumed in the middle of an epoc
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from clip2scene_core.datasets import READERS
 from clip2scene_core.errors import ConfigError
+from clip2scene_core.label_spaces import remap_labels
 from clip2scene_core.types import Scan
 from clip2scene_core.voxelize import VoxelConfig, Voxels, voxelize
 
@@ -37,29 +38,32 @@ def _resolve_paths(args: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def _rosbag_reader(**args: Any) -> Sequence[Any]:
+    """The user's own recordings (PointCloud2 + cameras + CameraInfo + TF, no labels), read
+    through clip2scene_ros (bag reader, sync, TF) as the node would see them; imported only
+    when a config names it."""
+    from .rosbag_source import RosbagSampleReader
+
+    return RosbagSampleReader(**args)
+
+
+#: readers only training can build (they need more than ``clip2scene_core``), added to
+#: ``clip2scene_core.datasets.READERS``
+TRAINING_READERS: dict[str, Callable[..., Sequence[Any]]] = {
+    "rosbag": _rosbag_reader,
+    "RosbagSampleReader": _rosbag_reader,
+}
+
+
 def build_reader(cfg: DataConfig, base_dir: str | Path = ".") -> Sequence[Any]:
-    """Instantiate the reader named in ``cfg`` (a ``Sequence[Sample]``)."""
+    """Instantiate the reader named in ``cfg`` (a ``Sequence[Sample]``) from the registry."""
+    readers = {**READERS, **TRAINING_READERS}
+    factory = readers.get(cfg.reader)
+    if factory is None:
+        raise ConfigError(f"data.reader: unknown reader '{cfg.reader}'; known: {sorted(readers)}")
     args = _resolve_paths(dict(cfg.args), Path(base_dir))
-    if cfg.reader in ("rosbag", "RosbagSampleReader"):
-        # The user's own recordings (PointCloud2 + cameras + CameraInfo + TF, no labels),
-        # read through clip2scene_ros (bag reader, sync, TF) as the node would see them.
-        from .rosbag_source import RosbagSampleReader
-        try:
-            return RosbagSampleReader(**args)
-        except TypeError as exc:
-            raise ConfigError(f"data.args do not fit RosbagSampleReader: {exc}") from exc
-    datasets = importlib.import_module("clip2scene_core.datasets")
-    cls = getattr(datasets, cfg.reader, None)
-    if cls is None:
-        try:   # readers not re-exported by the package (e.g. just landed)
-            mod = importlib.import_module(f"clip2scene_core.datasets.{cfg.reader.lower().replace('reader', '')}")
-            cls = getattr(mod, cfg.reader, None)
-        except ImportError:
-            cls = None
-    if cls is None:
-        raise ConfigError(f"data.reader: unknown reader '{cfg.reader}'")
     try:
-        return cls(**args)
+        return factory(**args)
     except TypeError as exc:
         raise ConfigError(f"data.args do not fit {cfg.reader}: {exc}") from exc
 
@@ -211,7 +215,7 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         prep = prepare_sample(sample, targets, self.cfg, rng, self.augment, self.embed_dim)
         if self.label_map is not None and prep.gt is not None:
-            prep.gt = np.where(prep.gt >= 0, self.label_map[np.clip(prep.gt, 0, None)], -1)
+            prep.gt = remap_labels(prep.gt, self.label_map)
         return prep
 
 

@@ -1,5 +1,8 @@
 """The epoch loop shared by pre-training and fine-tuning.
 
+(Over ~400 lines: resume, checkpoint cadence, SIGTERM, NaN guards and DDP step counts are one
+state machine; split apart, a resumed run could no longer be proven equal to an uninterrupted one.)
+
 * a state file after every epoch (and every ``save_every_steps``, and on SIGTERM), written
   atomically, so SIGKILL loses at most one epoch;
 * ``resume`` restarts at the saved (epoch, step) with the saved RNG states; batches and

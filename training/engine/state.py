@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from clip2scene_core.atomic import atomic_torch_save
-from clip2scene_core.checkpoint import check_finite, seal, verify_digest
-from clip2scene_core.errors import CheckpointError
+from clip2scene_core.versioned import (FileKind, check_finite, check_header, load_versioned,
+                                       save_versioned, verify_digest)
 
 STATE_FORMAT = "clip2scene-train-state"
 STATE_VERSION = 1
+STATE_KIND = FileKind(STATE_FORMAT, STATE_VERSION, "training state")
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -91,29 +91,21 @@ def save_state(path: str | Path, payload: dict[str, Any]) -> None:
     Refused (CheckpointError, the file on disk unchanged) when the weights hold NaN or inf."""
     check_finite(_finite_parts(payload), str(path),
                  "not written: the previous state file (if any) is kept for --resume")
-    atomic_torch_save(seal({"format": STATE_FORMAT, "version": STATE_VERSION, **payload}), path)
+    save_versioned(path, STATE_KIND, payload)
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a training state: CheckpointError naming the file when it is missing, corrupt,
     modified after it was written (content digest), of another version or non-finite."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"training state not found: {path}")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"training state {path} is corrupt: {exc}") from exc
-    return check_state(data, path)
+    data, _ = load_versioned(path, STATE_KIND, map_location)
+    check_finite(_finite_parts(data), str(path), "refused")
+    return data
 
 
 def check_state(data: Any, path: str | Path) -> dict[str, Any]:
     """Validate what ``torch.load`` returned for the state file ``path``."""
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not a clip2scene training state")
-    if data.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: training state version {data.get('version')} is not supported")
-    verify_digest(data, path, "training state")
+    check_header(data, path, STATE_KIND)
+    verify_digest(data, path, STATE_KIND.what)
     check_finite(_finite_parts(data), str(path), "refused")
     return data
 
@@ -132,7 +124,7 @@ class StopFlag:
             except ValueError:      # not the main thread (e.g. inside some test runners)
                 pass
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signum = signum
 

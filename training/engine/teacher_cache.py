@@ -378,14 +378,12 @@ class TeacherAgreement:
         self.confusion = ConfusionMatrix(len(self.names))
 
     def update(self, sample: Any, targets: PixelTargets) -> None:
-        from training.evaluate import label_map
+        from clip2scene_core.label_spaces import class_map, remap_labels
 
         if sample.labels is None or not len(targets):
             return
         gt = np.asarray(sample.labels, dtype=np.int64)[targets.point_index]
-        m = label_map(getattr(sample, "class_names", None), self.names)
-        if m is not None:
-            gt = np.where(gt >= 0, m[np.clip(gt, 0, None)], -1)
+        gt = remap_labels(gt, class_map(getattr(sample, "class_names", None), self.names))
         self.confusion.update(targets.labels, gt)
 
     def summary(self) -> dict[str, float] | None:

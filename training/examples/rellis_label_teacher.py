@@ -20,24 +20,21 @@ With the bundled single frame the network is scored on the frame it was pre-trai
 """
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from clip2scene_core.cli import TRAINING_LOG_FORMAT, start_cli
+from clip2scene_core.errors import Clip2SceneError
 
 _ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:          # runnable from the repo root without installing
-    sys.path.insert(0, str(_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from clip2scene_core.errors import Clip2SceneError  # noqa: E402
-
 log = logging.getLogger("clip2scene.example")
 BUNDLED = _ROOT / "test/data/rellis3d/utils_example"
 
@@ -88,7 +85,7 @@ def score_views(samples: Sequence[Any], cache, text_emb: torch.Tensor, checkpoin
     from clip2scene_core.geometry import project_points
     from clip2scene_core.metrics import ConfusionMatrix
     from clip2scene_core.segmenter import Segmenter
-    from training.evaluate import label_map
+    from clip2scene_core.label_spaces import class_map, remap_labels
 
     segs = {name: Segmenter.load(path, device="cpu") for name, path in checkpoints.items()}
     names = list(next(iter(segs.values())).class_names)
@@ -96,10 +93,7 @@ def score_views(samples: Sequence[Any], cache, text_emb: torch.Tensor, checkpoin
     cms = {(m, region): ConfusionMatrix(k) for m in [*segs, "teacher", "nearest_visible"]
            for region in ("inside", "outside")}
     for sample in samples:
-        gt = np.asarray(sample.labels, dtype=np.int64)
-        lm = label_map(getattr(sample, "class_names", None), names)
-        if lm is not None:
-            gt = np.where(gt >= 0, lm[np.clip(gt, 0, None)], -1)
+        gt = remap_labels(sample.labels, class_map(getattr(sample, "class_names", None), names))
         inside = np.zeros(len(sample.scan), bool)
         for cam in sample.cameras:
             inside |= project_points(sample.scan.xyz, cam.calibration, min_depth=min_depth).valid
@@ -170,7 +164,7 @@ def format_figures(f: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    start_cli(logging.WARNING, TRAINING_LOG_FORMAT)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(BUNDLED), help="RELLIS-3D sequence folder (default: the bundled frame)")
     p.add_argument("--out", default="runs/rellis_label_teacher", help="output folder (cache, checkpoints)")

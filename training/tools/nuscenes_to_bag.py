@@ -33,19 +33,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.tools import (SampleBagWriter, converter_parser, run_cli, safe_child,  # noqa: E402
-                            writer_options)
-
-from clip2scene_core.datasets import (NUSCENES_CAMERAS, NuScenesInfoReader,  # noqa: E402
-                                      NuScenesReader)
-from clip2scene_core.datasets.sample import Sample  # noqa: E402
-from clip2scene_core.errors import Clip2SceneError  # noqa: E402
-from clip2scene_ros.bag import BagError, check_output_bag  # noqa: E402
-from clip2scene_core.geometry.transforms import (invert_transform,  # noqa: E402
-                                                 transform_from_quat_wxyz)
+from clip2scene_core.cli import start_cli
+from clip2scene_core.datasets import NUSCENES_CAMERAS, NuScenesInfoReader, NuScenesReader
+from clip2scene_core.datasets.sample import Sample
+from clip2scene_core.errors import Clip2SceneError
+from clip2scene_core.geometry.transforms import invert_transform, transform_from_quat_wxyz
+from clip2scene_ros.bag import BagError, check_output_bag
+from training.tools.converter_cli import converter_parser, run_cli, safe_child, writer_options
+from training.tools.sample_bag import SampleBagWriter
 
 LIDAR = "LIDAR_TOP"
 
@@ -149,12 +144,12 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
             stamp0 = min([sample.scan.stamp_ns] + [s for s, _ in egos])
             if last_static is None or set(statics) != set(last_static) or any(
                     not np.allclose(statics[k], last_static[k]) for k in statics):
-                events.append((stamp0, 0, lambda st=statics, t=stamp0: w.write_static(
-                    t, st, cameras=[c.name for c in sample.cameras])))
+                events.append((stamp0, 0, lambda st=statics, t=stamp0, s=sample: w.write_static(
+                    t, st, cameras=[c.name for c in s.cameras])))
                 last_static = statics
             if sample.class_names is not None and sample.labels is not None:
-                events.append((stamp0, 1, lambda t=stamp0: w.write_label_classes(
-                    t, sample.vocabulary_name, sample.class_names)))
+                events.append((stamp0, 1, lambda t=stamp0, s=sample: w.write_label_classes(
+                    t, s.vocabulary_name, s.class_names)))
             lidar_to_world = sample.lidar_to_world
             for t, T in egos:
                 events.append((t, 2, lambda t=t, T=T: w.write_ego_pose(t, T)))
@@ -210,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    start_cli()
     args = build_parser().parse_args(argv)
     return run_cli("nuscenes_to_bag", _run, args)
 

@@ -27,14 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.tools import SampleBagWriter, converter_parser, run_cli, writer_options  # noqa: E402
-
-from clip2scene_core.datasets import SemanticKittiReader  # noqa: E402
-from clip2scene_ros.bag import check_output_bag  # noqa: E402
-from clip2scene_core.geometry.transforms import invert_transform  # noqa: E402
+from clip2scene_core.cli import start_cli
+from clip2scene_core.datasets import SemanticKittiReader
+from clip2scene_core.geometry.transforms import invert_transform
+from clip2scene_ros.bag import check_output_bag
+from training.tools.converter_cli import converter_parser, run_cli, writer_options
+from training.tools.sample_bag import SampleBagWriter
 
 NS = 1_000_000_000
 
@@ -101,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    start_cli()
     args = build_parser().parse_args(argv)
     return run_cli("semantickitti_to_bag", _run, args)
 

@@ -1,4 +1,4 @@
-"""``make demo``: the product end to end on the bundled real nuScenes key frames.
+"""``make demo`` / ``clip2scene-demo``: the product end to end on the bundled real nuScenes key frames.
 
 1. convert the samples (LIDAR_TOP + 6 cameras + calibration + ego poses) to rosbag2 (mcap),
    one bag per scene;
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from clip2scene_core.threads import prepare_openmp
+from clip2scene_core.cli import start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "test/data/nuscenes/dororo99_v1.0-extract_3samples"
@@ -88,7 +88,7 @@ def pretrain_default_model(out: Path, retrain: bool) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
+    start_cli()   # before torch loads
     ap = argparse.ArgumentParser(prog="clip2scene-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
     ap.add_argument("--checkpoint", type=Path, default=os.environ.get("CLIP2SCENE_CHECKPOINT") or None,
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true", help="pre-train again even if a model exists")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_downloads()
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 

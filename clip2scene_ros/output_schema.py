@@ -1,0 +1,139 @@
+"""The per-point fields of the labelled output clouds, in one table.
+
+Each `OutputField` row says what a ``~/labeled_points`` field is called, its type, which
+``SegmentationResult`` attribute it is made from and how. The pipeline (compact, input and
+class-filtered clouds), ``pointcloud2`` (layout, which input fields are replaced) and
+``label_info`` (what ``label`` means) all read this table, so a new per-point output is a new
+attribute of ``clip2scene_core.segmenter.SegmentationResult`` plus one row here:
+
+    OutputField("entropy", np.float32, source="entropy", fill=0.0)
+
+Fields are written in table order after x, y, z [, intensity] (compact layout) or after the
+input's own fields (``output_layout: input``), each at its natural alignment. Pure numpy: no
+ROS, no torch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clip2scene_core import palette as _palette
+from clip2scene_core.errors import InvalidPointCloudError
+from clip2scene_core.label_spaces import UNLABELED
+
+__all__ = ["UNLABELED", "LABEL_FIELD", "OutputField", "OUTPUT_SCHEMA", "OUTPUT_FIELDS",
+           "Column", "encode_labels", "encode_rgb", "result_sources", "empty_sources",
+           "expand_sources", "output_columns"]
+
+# ``UNLABELED`` (65535, clip2scene_core.label_spaces): the ``label`` of points without a class
+# (segmenter label -1: out of range, NaN, ...). The field is UINT32; the sentinel stays 65535
+# so that it is also the ignore value of UINT16 ground-truth clouds and of label clouds
+# written before the field became UINT32. Class indices must stay below it.
+#: the field holding the class index (what ``~/label_classes`` describes)
+LABEL_FIELD = "label"
+
+#: (source values (n,), class palette (K, 3) uint8) → field values (n,)
+Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: one output field's values: (name, (n,) array of the field's dtype)
+Column = tuple[str, np.ndarray]
+
+
+def encode_labels(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Segmenter labels (-1 = none) → UINT32 ``label`` values (`UNLABELED` for -1)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise InvalidPointCloudError(f"labels must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < -1 or labels.max() >= UNLABELED):
+        raise InvalidPointCloudError(
+            f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
+    return np.where(labels < 0, UNLABELED, labels).astype(np.uint32)
+
+
+def encode_rgb(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Labels → the class colours packed as float32 0x00RRGGBB (PCL / RViz ``rgb``)."""
+    return _palette.pack_rgb(_palette.colorize(labels, palette=palette))
+
+
+@dataclass(frozen=True)
+class OutputField:
+    """One per-point field of the labelled clouds.
+
+    ``source``: the ``SegmentationResult`` attribute holding one value per point of the scan;
+    ``fill``: that attribute's value for a point the segmenter never saw (non-finite x/y/z,
+    kept in place by ``output_layout: input``); ``encode``: source values → field values
+    (None: a plain cast to ``dtype``).
+    """
+
+    name: str
+    dtype: Any                          # numpy type of the field: uint32 → UINT32, ...
+    source: str
+    fill: Any = 0
+    encode: Encoder | None = None
+
+    def values(self, sources: Mapping[str, np.ndarray], palette: np.ndarray) -> np.ndarray:
+        """(n,) values of this field, in ``dtype``."""
+        src = np.asarray(sources[self.source])
+        out = self.encode(src, palette) if self.encode is not None else src
+        return np.asarray(out, dtype=self.dtype)
+
+
+#: the fields of every labelled cloud, in this order (published layout: do not reorder)
+OUTPUT_SCHEMA: tuple[OutputField, ...] = (
+    OutputField(LABEL_FIELD, np.uint32, "labels", -1, encode_labels),
+    OutputField("score", np.float32, "scores", np.float32(0.0)),
+    OutputField("rgb", np.float32, "labels", -1, encode_rgb),
+)
+#: names of the fields the segmentation writes; an input field of one of these names is replaced
+OUTPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in OUTPUT_SCHEMA)
+
+
+def _sources_of(schema: Sequence[OutputField]) -> dict[str, Any]:
+    """source attribute → its fill value (first row naming it wins)."""
+    out: dict[str, Any] = {}
+    for f in schema:
+        out.setdefault(f.source, f.fill)
+    return out
+
+
+def result_sources(result: Any, schema: Sequence[OutputField] = OUTPUT_SCHEMA
+                   ) -> dict[str, np.ndarray]:
+    """The per-point arrays ``schema`` reads from a ``SegmentationResult`` (any object with
+    those attributes), by attribute name."""
+    missing = [s for s in _sources_of(schema) if not hasattr(result, s)]
+    if missing:
+        raise InvalidPointCloudError(
+            f"the segmentation result has no {missing} for the output fields "
+            f"{[f.name for f in schema if f.source in missing]}")
+    return {s: np.asarray(getattr(result, s)) for s in _sources_of(schema)}
+
+
+def empty_sources(schema: Sequence[OutputField] = OUTPUT_SCHEMA) -> dict[str, np.ndarray]:
+    """Zero-length source arrays (a cloud without points: no segmentation ran)."""
+    return {s: np.full(0, fill) for s, fill in _sources_of(schema).items()}
+
+
+def expand_sources(sources: Mapping[str, np.ndarray], kept: np.ndarray,
+                   schema: Sequence[OutputField] = OUTPUT_SCHEMA) -> dict[str, np.ndarray]:
+    """Source arrays of the scan's points (``kept.sum()`` each) → one value per input point,
+    the row's ``fill`` where ``kept`` is False."""
+    kept = np.asarray(kept, dtype=bool).reshape(-1)
+    out = {}
+    for s, fill in _sources_of(schema).items():
+        values = np.asarray(sources[s])
+        full = np.full(kept.size, fill, dtype=values.dtype)
+        full[kept] = values
+        out[s] = full
+    return out
+
+
+def output_columns(sources: Mapping[str, np.ndarray], palette: np.ndarray, n: int,
+                   schema: Sequence[OutputField] = OUTPUT_SCHEMA) -> list[Column]:
+    """(name, values) of every ``schema`` field for ``n`` points, in table order."""
+    for s in _sources_of(schema):
+        shape = np.shape(sources[s])
+        if shape != (n,):
+            raise InvalidPointCloudError(f"{s} must have shape ({n},), got {shape}")
+    return [(f.name, f.values(sources, palette)) for f in schema]
