@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:      # torch loads lazily: entry points set OpenMP's wait policy before it loads
+    import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -13,6 +15,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
     Failing early with a clear message beats a CUDA error deep inside the first forward pass.
     """
+    import torch
+
     if isinstance(device, torch.device):
         dev = device
     elif device in ("auto", "", None):
@@ -41,6 +45,8 @@ def cpu_has_fast_bf16() -> bool:
     (``torch.backends.cpu.get_cpu_capability()``) only says AVX2 / AVX512, not whether bf16
     is native, hence the CPU flags (Linux); elsewhere False.
     """
+    import torch
+
     try:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
             return False
@@ -73,6 +79,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast_for(precision: str, device: torch.device):
     """A context manager running a forward pass at ``precision`` (fp32: no autocast)."""
     import contextlib
+
+    import torch
 
     if precision == "fp32":
         return contextlib.nullcontext()

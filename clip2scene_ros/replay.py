@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import signal
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clip2scene_core.errors import Clip2SceneError, ConfigError
-from clip2scene_core.threads import prepare_openmp
+from clip2scene_core.cli import start_cli
 
 from .bag import LABELS_TOPIC, check_output_bag
 from .evaluation import Evaluator, parse_label_classes
@@ -177,9 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 when at least one labelled frame was written, 1 when none was, 2 on an
     error (bad option, unreadable bag, refused --out, disk full), 3 on an unexpected error
     (a bug), 130 on Ctrl-C. Every run that got to reading the bag leaves its report."""
-    prepare_openmp()   # before torch loads: OpenMP workers must not spin on a shared core
+    start_cli()   # before torch loads: OpenMP workers must not spin on a shared core
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         opts = options_from_args(args)
         replay = Replay(opts)

@@ -233,3 +233,16 @@ def test_ruff_is_clean():
     run = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", "."], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
+
+
+@pytest.mark.parametrize("module", ["clip2scene_ros.replay", "clip2scene_ros.node", "clip2scene_core.cli",
+                                    "training.demo"])
+def test_entry_points_load_torch_only_after_their_preamble(module):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: an entry point whose import pulled
+    torch in would set the passive policy too late and spin a shared core (issue 10)."""
+    import subprocess
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "False", f"importing {module} loads torch"

@@ -96,7 +96,7 @@ class KnownTeacher:
         self.cache_preprocess = {}
         self.lut = {tuple(class_colour(k)): k for k in range(len(text_emb))}
 
-    def text_embeddings(self, vocab, templates=None, cache_dir=None):  # noqa: ARG002
+    def text_embeddings(self, vocab, templates=None, cache_dir=None):
         return self.text
 
     def pixel_features(self, image: np.ndarray, uv: np.ndarray) -> torch.Tensor:

@@ -105,7 +105,7 @@ class FinetuneObjective:
     def __init__(self, cfg: FinetuneLossConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, model: nn.Module, batch: Batch, epoch: int, gen: torch.Generator):  # noqa: ARG002
+    def __call__(self, model: nn.Module, batch: Batch, epoch: int, gen: torch.Generator):
         logits, out = model(VoxelBatch.from_voxels(batch.voxels, batch.xyz.device))
         if batch.gt is None:
             raise ValueError("fine-tuning needs labelled samples")
