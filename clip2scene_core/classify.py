@@ -12,9 +12,14 @@ the classes, and nothing D-wide is ever materialised. With a voxel backbone the 
 voxels (every point of a voxel shares its features): labels are computed per voxel and
 gathered to points last. ``head="both"`` (normalise each head, add, normalise again) folds the
 same way with the cross term z_l · z_g. Folded once per vocabulary, in float64.
+
+An open-vocabulary query is one more text embedding folded with the vocabulary's: its column of
+logits against the class columns gives a per-row relevance (`query_relevance`, the query's
+softmax probability among the classes that are not the query itself, `query_negatives`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +91,33 @@ class FoldedClassifier:
         s_norm = (2.0 + 2.0 * cos_lg).clamp_min(0.0).sqrt().clamp_min(_EPS)
         num = fl.numerator(f) / nl[:, None] + fg.numerator(f) / ng[:, None]
         return self.scale * num / s_norm[:, None]
+
+
+def query_negatives(class_names: Sequence[str], emb: torch.Tensor, text: str,
+                    query: torch.Tensor, same: float = 1.0 - 1e-6) -> torch.Tensor:
+    """(K,) bool: the vocabulary classes a query is weighed against.
+
+    Every class except those that *are* the query: the same name (case-insensitive) or the
+    same text embedding (cosine ≥ ``same``). A query for "car" with "car" in the vocabulary
+    then gets the probability the segmenter gives "car" instead of half of it.
+    """
+    name = text.strip().lower()
+    by_name = torch.tensor([str(n).strip().lower() == name for n in class_names],
+                           dtype=torch.bool, device=emb.device)
+    q = query.reshape(1, -1).to(device=emb.device, dtype=emb.dtype)
+    by_emb = (emb @ q.t()).reshape(-1) >= same
+    return ~(by_name | by_emb)
+
+
+def query_relevance(logits: torch.Tensor, query_logit: torch.Tensor,
+                    negatives: torch.Tensor) -> torch.Tensor:
+    """(R,) float32 in [0, 1]: the softmax probability of the query among the query plus the
+    ``negatives`` classes, from (R, K) class logits and (R,) query logits (same scale).
+
+    ``exp(q) / (exp(q) + Σ_k exp(l_k)) = sigmoid(q − logsumexp(l))``, computed in that
+    stable form; with no negative class it is 1.
+    """
+    q = query_logit.float().reshape(-1)
+    if not bool(negatives.any()):
+        return torch.ones_like(q)
+    return torch.sigmoid(q - torch.logsumexp(logits[:, negatives].float(), dim=1))

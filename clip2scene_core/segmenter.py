@@ -1,5 +1,8 @@
 """``Segmenter``: a deployable checkpoint turned into per-point labels and scores.
 
+(Over ~400 lines: one class, the checkpoint → labels path with its vocabulary, query and
+camera-fusion state, which share one lock and one device.)
+
 The 3D network embeds every point into CLIP's space; a point's class is the text embedding
 it is closest to, so the vocabulary is just a matrix that can be swapped at run time. When a
 CLIP teacher is loaded and camera frames are given, the teacher's dense pixel predictions
@@ -11,6 +14,17 @@ runs the teacher on one image (the expensive part, vocabulary-independent), and
 each through its own calibration. ``segment(scan, cameras)`` does both inline. The ROS node
 runs the first on a worker of its own, off the sweep's critical path
 (`clip2scene_ros.runner.TeacherWorker`).
+
+Open-vocabulary queries. `Segmenter.set_query` sets a free text whose embedding comes from
+the CLIP text encoder (prompt-ensembled like a vocabulary class) or from a saved embedding
+file; while one is set, every result carries ``relevance``: per point, the softmax
+probability of the query among the query and the vocabulary's classes (those that are not the
+query itself), at the segmenter's logit scale, from the 3D network's head alone (camera
+fusion does not change it). Why the softmax and not (cos + 1) / 2: CLIP cosines of unrelated
+and related texts differ by a few hundredths, so (cos + 1) / 2 is ≈ 0.6 everywhere, while
+the softmax is near 1 where the query wins over every known class and near 0 where another
+class does: a heat map with fixed bounds 0 … 1. A query equal to a vocabulary class gets
+exactly that class's label probability.
 """
 from __future__ import annotations
 
@@ -76,6 +90,15 @@ class CameraPrediction:
         return dataclasses.replace(self, calibration=calibration)
 
 
+@dataclass(frozen=True)
+class Query:
+    """A free-text query and its unit text embedding (see `Segmenter.set_query`)."""
+
+    text: str
+    embedding: torch.Tensor             # (1, D) unit row, on the segmenter's device
+    source: str = ""                    # "text encoder", the embedding file, or "given"
+
+
 @dataclass
 class SegmentationResult:
     labels: np.ndarray                  # (N,) int64 index into class_names; -1 for dropped points
@@ -84,6 +107,10 @@ class SegmentationResult:
     class_names: list[str]
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
     info: dict[str, object] = field(default_factory=dict)     # counts: dropped, cameras used/skipped
+    # (N,) float32 in [0, 1] while a query is set (`Segmenter.set_query`), 0 for dropped points;
+    # None without a query
+    relevance: np.ndarray | None = None
+    query: str | None = None            # the query's text, when relevance is set
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -114,7 +141,9 @@ class Segmenter:
             raise ConfigError(f"logit_scale {scale!r} must be a finite positive number")
         self._lock = threading.Lock()
         self._vocab = None  # (Vocabulary, (K, D) tensor on device), swapped atomically
-        self._folded: tuple[torch.Tensor, object] | None = None   # (emb it was folded for, clf)
+        # (emb, query embedding or None) it was folded for, and the classifier
+        self._folded: tuple[torch.Tensor, torch.Tensor | None, object] | None = None
+        self._query: Query | None = None   # swapped atomically, like the vocabulary
         self._install_vocabulary(vocabulary, text_embeddings)
 
     # ----------------------------------------------------------------- construction
@@ -173,6 +202,9 @@ class Segmenter:
             self.model.to(device)
             vocab, emb = self._vocab
             self._vocab = (vocab, emb.to(device))
+            q = self._query
+            if q is not None:
+                self._query = dataclasses.replace(q, embedding=q.embedding.to(device))
         move = getattr(self.teacher, "to", None)
         if callable(move):
             move(device)
@@ -234,26 +266,107 @@ class Segmenter:
                                   embed_dim=self.model_config.embed_dim)
         self._install_vocabulary(te.vocabulary, te.embeddings)
 
+    # ------------------------------------------------------------------------- query
+    @property
+    def query(self) -> str | None:
+        """The text of the query in effect (None: none, no ``relevance`` in results)."""
+        q = self._query
+        return None if q is None else q.text
+
+    @property
+    def optional_sources(self) -> tuple[str, ...]:
+        """The optional result attributes the next ``segment`` fills (``relevance`` while a
+        query is set): what a caller writing an empty cloud lays out."""
+        return ("relevance",) if self._query is not None else ()
+
+    def query_embedding(self, text: str, embeddings_file: str | Path | None = None) -> torch.Tensor:
+        """(1, D) unit embedding of ``text``: from ``embeddings_file`` (a file written by
+        ``clip.save_text_embeddings`` whose class names are the query texts) when given, else
+        from the CLIP text encoder (prompt-ensembled like a vocabulary class); ConfigError
+        when neither is available or the file does not hold ``text``."""
+        from .clip.vocabulary import Vocabulary
+
+        text = str(text).strip()
+        if not text:
+            raise ConfigError("a query needs a non-empty text")
+        if embeddings_file:
+            from .clip.text_bank import load_text_embeddings
+
+            te = load_text_embeddings(embeddings_file, model_name=self.clip_model or None,
+                                      embed_dim=self.model_config.embed_dim)
+            names = list(te.vocabulary.class_names)
+            hit = [i for i, n in enumerate(names) if n == text] or \
+                [i for i, n in enumerate(names) if n.strip().lower() == text.lower()]
+            if not hit:
+                shown = names[:20] + (["..."] if len(names) > 20 else [])
+                raise ConfigError(f"query {text!r} is not in the embedding file {embeddings_file} "
+                                  f"(it holds {shown})")
+            emb = te.embeddings[hit[0]:hit[0] + 1]
+        elif self.teacher is not None:
+            emb = self.teacher.text_embeddings(Vocabulary.from_names([text]))
+        else:
+            raise ConfigError(f"cannot embed the query {text!r}: no CLIP text encoder is loaded "
+                              "(clip_weights) and no query embedding file is given")
+        return self._check_query_embedding(text, emb)
+
+    def _check_query_embedding(self, text: str, emb) -> torch.Tensor:
+        emb = torch.as_tensor(emb, dtype=torch.float32).detach().reshape(1, -1)
+        if emb.shape[1] != self.model_config.embed_dim:
+            raise ConfigError(f"the embedding of query {text!r} has dimension {emb.shape[1]}, "
+                              f"the network outputs {self.model_config.embed_dim}")
+        if not bool(torch.isfinite(emb).all()) or float(emb.norm()) == 0.0:
+            raise ConfigError(f"the embedding of query {text!r} is zero or not finite")
+        return F.normalize(emb, dim=1)
+
+    def set_query(self, text: str | None, embedding=None,
+                  embeddings_file: str | Path | None = None) -> None:
+        """Set (or, with None / "", clear) the open-vocabulary query; takes effect on the next
+        ``segment`` call. ``embedding``: its (D,) or (1, D) text embedding as is; otherwise
+        `query_embedding` (``embeddings_file``, else the CLIP text encoder). ConfigError (or
+        CheckpointError for an unreadable file; the previous query stays) when it cannot be
+        embedded."""
+        text = "" if text is None else str(text).strip()
+        if not text:
+            self._query = None
+            return
+        if embedding is not None:
+            emb, source = self._check_query_embedding(text, embedding), "given"
+        else:
+            emb = self.query_embedding(text, embeddings_file)
+            source = str(embeddings_file) if embeddings_file else "text encoder"
+        with self._lock:
+            self._query = Query(text, emb.to(self.device), source)
+
     # ------------------------------------------------------------------- inference
-    def _classifier(self, emb: torch.Tensor):
-        """The folded classifier of this vocabulary (re-folded when it or the device changes)."""
+    def _classifier(self, emb: torch.Tensor, query: torch.Tensor | None = None):
+        """The folded classifier of this vocabulary (+ the query as a last column), re-folded
+        when either or the device changes."""
         from .classify import FoldedClassifier
 
         cached = self._folded
-        if cached is not None and cached[0] is emb:
-            return cached[1]
-        clf = FoldedClassifier(self.model.local_head, self.model.global_head, emb, self.head,
+        if cached is not None and cached[0] is emb and cached[1] is query:
+            return cached[2]
+        rows = emb if query is None else torch.cat([emb, query.to(emb.device)])
+        clf = FoldedClassifier(self.model.local_head, self.model.global_head, rows, self.head,
                                self.logit_scale)
-        self._folded = (emb, clf)
+        self._folded = (emb, query, clf)
         return clf
 
-    def _row_probs(self, batch, emb: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Class probabilities per backbone row, and whether rows are points (else voxels)."""
+    def _row_logits(self, batch, emb: torch.Tensor, query: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Class logits per backbone row, the query's logits (None without one), and whether
+        rows are points (else voxels). The query is one more column of the same classifier."""
         if not self.config.folded_heads:
-            return self._point_logits(self.model(batch), emb).float().softmax(dim=1), True
-        feats = self.model.backbone_features(batch)
-        point_wise = bool(getattr(self.model.backbone, "point_wise", False))
-        return self._classifier(emb).logits(feats).float().softmax(dim=1), point_wise
+            rows = emb if query is None else torch.cat([emb, query.to(emb.device)])
+            logits, point_wise = self._point_logits(self.model(batch), rows), True
+        else:
+            feats = self.model.backbone_features(batch)
+            point_wise = bool(getattr(self.model.backbone, "point_wise", False))
+            logits = self._classifier(emb, query).logits(feats)
+        if query is None:
+            return logits, None, point_wise
+        k = emb.shape[0]
+        return logits[:, :k], logits[:, k], point_wise
 
     def _point_logits(self, out, emb: torch.Tensor) -> torch.Tensor:
         head = self.head
@@ -342,7 +455,8 @@ class Segmenter:
         from .models import VoxelBatch
         from .voxelize import voxelize
 
-        vocab, emb = self._vocab  # one consistent vocabulary for this frame
+        vocab, emb = self._vocab  # one consistent vocabulary (and query) for this frame
+        query = self._query
         n = len(scan)
         if projections is not None:
             projections = list(projections)
@@ -355,20 +469,32 @@ class Segmenter:
         scores = np.zeros(n, dtype=np.float32)
         info: dict[str, object] = {"points_in": n, "cameras_used": [], "cameras_skipped": []}
         timings: dict[str, float] = {}
+        relevance = None if query is None else np.zeros(n, dtype=np.float32)
+        qtext = None if query is None else query.text
         if n == 0:
             return SegmentationResult(labels, scores, np.zeros(0, bool), list(vocab.class_names),
-                                      timings, {**info, "points_dropped": 0})
+                                      timings, {**info, "points_dropped": 0}, relevance, qtext)
         t0 = time.perf_counter()
         try:
             voxels = voxelize([scan], self.model_config.voxel)
         except EmptyPointCloudError as exc:
             info.update(points_dropped=n, reason=str(exc))
             return SegmentationResult(labels, scores, np.zeros(n, bool), list(vocab.class_names),
-                                      timings, info)
+                                      timings, info, relevance, qtext)
         batch = VoxelBatch.from_voxels(voxels, self.device)
         timings["voxelize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        probs, point_rows = self._row_probs(batch, emb)
+        logits, q_logits, point_rows = self._row_logits(
+            batch, emb, None if query is None else query.embedding)
+        probs = logits.float().softmax(dim=1)
+        if q_logits is not None:
+            from .classify import query_negatives, query_relevance
+
+            rel = query_relevance(logits, q_logits, query_negatives(
+                vocab.class_names, emb, query.text, query.embedding))
+            if not point_rows:        # per voxel, gathered to its points
+                rel = rel[batch.inverse]
+            relevance[voxels.point_mask] = rel.cpu().numpy()
         fuse_frames = bool(cameras) and self.teacher is not None and self.config.camera_fusion
         predictions = list(predictions) if self.config.camera_fusion else []
         fuse = fuse_frames or bool(predictions)
@@ -398,4 +524,4 @@ class Segmenter:
         scores[voxels.point_mask] = score.cpu().numpy()
         info["points_dropped"] = int(n - voxels.point_mask.sum())
         return SegmentationResult(labels, scores, voxels.point_mask.copy(), list(vocab.class_names),
-                                  timings, info)
+                                  timings, info, relevance, qtext)

@@ -122,6 +122,11 @@ class SegmenterMixin:
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for param in params:
+            if param.name == "query":
+                result = self._set_query(param)
+                if not result.successful:
+                    return result
+                continue
             if param.name != "class_names" or getattr(self._local, "internal", False):
                 continue
             try:
@@ -139,6 +144,21 @@ class SegmenterMixin:
             self.pipeline.set_class_names(names)
             self.get_logger().info(f"class_names → {names or 'checkpoint vocabulary'} "
                                    "(from the next frame)")
+        return SetParametersResult(successful=True)
+
+    def _set_query(self, param: Parameter) -> SetParametersResult:
+        """``query`` at run time: queued for the next frame, or refused with the reason (no
+        text encoder and no embedding file, a text the file does not hold)."""
+        try:
+            text = check_type(param.name, param.value, str).strip()
+            if self.pipeline is None:
+                raise ConfigError("the model is not loaded (configure the node first)")
+            self.pipeline.set_query(text)
+        except Clip2SceneError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.cfg.query = text   # a managed node re-configured later keeps it
+        self.get_logger().info(f"query → {text!r} (from the next frame)" if text
+                               else "query cleared (from the next frame)")
         return SetParametersResult(successful=True)
 
     # -- configure: model, TF, publishers --------------------------------------------------
@@ -173,10 +193,11 @@ class SegmenterMixin:
         self.label_info_pub = (self._publisher(vision.LabelInfo, "~/label_info", LATCHED_QOS)
                                if vision is not None else None)
         self._announce(self.pipeline.class_names)
+        fields = [f.name + (" (while a query is set)" if f.optional else "") for f in self.pipeline.schema]
         self.get_logger().info(
             f"segmenting {cfg.lidar_topic} on {self.segmenter.device} with "
             f"{len(self.pipeline.class_names)} classes; ~/labeled_points fields: "
-            f"{', '.join(f.name for f in self.pipeline.schema)}; cameras: "
+            f"{', '.join(fields)}; cameras: "
             f"{[(c.name, c.image_topic, c.info_topic) for c in cfg.camera_list] or 'none'}; "
             f"TF: {'tf2_ros' if self._tf2 is not None else 'own /tf listener'}")
 

@@ -129,6 +129,13 @@ class NodeConfig:
     class_names: list[str] = _p([], "open vocabulary; unset: the checkpoint's classes. Read back, "
                                     "it is the vocabulary in effect (label i = class_names[i]); "
                                     "changeable at run time", dynamic=True)
+    query: str = _p("", "open-vocabulary query: free text whose per-point relevance (0..1, the "
+                        "query's softmax probability against the classes) becomes the "
+                        "~/labeled_points field 'relevance'; empty: no query, no field. "
+                        "Changeable at run time", dynamic=True)
+    query_embeddings: str = _p("", "embedding file (clip2scene_core.clip.save_text_embeddings) "
+                                   "whose class names are the query texts; empty: the query is "
+                                   "embedded by the CLIP text encoder (needs clip_weights)")
     output_layout: str = _p("compact", "~/labeled_points layout: compact (finite points only, "
                                        "height 1) or input (the input's height x width and extra "
                                        "fields such as ring/time; invalid points unlabelled)",
@@ -184,6 +191,7 @@ class NodeConfig:
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"class_names must be non-empty and unique, got {self.class_names}")
         self.class_names = names
+        self.query = str(self.query).strip()
         self.filter_classes = [str(n).strip() for n in self.filter_classes]
         if any(not n for n in self.filter_classes):
             raise ConfigError(f"filter_classes must be non-empty names, got {self.filter_classes}")

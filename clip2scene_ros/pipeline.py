@@ -18,7 +18,9 @@ at `PipelineConfig.min_depth`; fusion and its overlay share that projection
 inline; given `TeacherPrediction`s (the runner's asynchronous teacher) it fuses those.
 
 Output fields. The labelled clouds' per-point fields (label, score, rgb, ...) are the rows of
-`output_schema.OUTPUT_SCHEMA`, read from the segmenter's result.
+`output_schema.OUTPUT_SCHEMA`, read from the segmenter's result; ``relevance`` only while an
+open-vocabulary query is set (`SegmentationPipeline.set_query`: queued like a vocabulary
+change, applied at the start of the next frame).
 
 Failure policy (a bad input never stops the stream):
 - unreadable cloud / model exception → `status="error"`, no cloud, the next frame runs;
@@ -117,6 +119,7 @@ class PipelineConfig:
     output_layout: str = "compact"                   # "compact" | "input"
     filter_classes: tuple[str, ...] = ()             # class names of the filtered cloud
     filter_mode: str = "keep"                        # "keep" | "drop" the filter_classes
+    query_embeddings: str = ""   # embedding file of the query texts; "": the CLIP text encoder
 
     def __post_init__(self) -> None:
         if self.output_layout not in OUTPUT_LAYOUTS:
@@ -135,7 +138,8 @@ class PipelineConfig:
                    min_depth=cfg.min_depth,
                    output_layout=getattr(cfg, "output_layout", cls.output_layout),
                    filter_classes=tuple(getattr(cfg, "filter_classes", ()) or ()),
-                   filter_mode=getattr(cfg, "filter_mode", cls.filter_mode))
+                   filter_mode=getattr(cfg, "filter_mode", cls.filter_mode),
+                   query_embeddings=getattr(cfg, "query_embeddings", cls.query_embeddings))
 
 
 @dataclass
@@ -232,6 +236,8 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
                                     tf_lookup)
     if cfg.class_names:
         pipeline.set_class_names(cfg.class_names)
+    if getattr(cfg, "query", ""):
+        pipeline.set_query(cfg.query)
     return pipeline
 
 
@@ -257,6 +263,7 @@ class SegmentationPipeline:
         self._original_vocab = (segmenter.vocabulary, segmenter.text_embeddings) \
             if hasattr(segmenter, "text_embeddings") else None
         self._pending_names: list[str] | None = None
+        self._pending_query: tuple[str, Any] | None = None   # (text, embedding or None)
         self._vocab_lock = threading.Lock()
         self._palette_key: tuple[str, ...] = ()
         self._palette = np.zeros((0, 3), np.uint8)
@@ -310,6 +317,48 @@ class SegmentationPipeline:
                 self.segmenter.set_vocabulary(names)
         except Exception as exc:  # noqa: BLE001 - keep the old vocabulary and say why
             return f"vocabulary change to {names} failed: {type(exc).__name__}: {exc}"
+        return None
+
+    # -- open-vocabulary query ---------------------------------------------------------------
+    @property
+    def query(self) -> str:
+        """The query in effect ("" = none; a queued change applies at the next frame)."""
+        return str(getattr(self.segmenter, "query", None) or "")
+
+    def set_query(self, text: str) -> None:
+        """Queue a query (``""``: none); it takes effect at the start of the next frame.
+
+        Its embedding comes from ``config.query_embeddings`` (looked up now: an unknown text
+        is a ConfigError naming the file and the texts it holds), else from the CLIP text
+        encoder (embedded on the next frame); without either: ConfigError.
+        """
+        text = str(text or "").strip()
+        emb = None
+        if not callable(getattr(self.segmenter, "set_query", None)):
+            if text:
+                raise ConfigError("this segmenter does not support queries")
+            return
+        if text:
+            if self.config.query_embeddings:
+                emb = self.segmenter.query_embedding(text, self.config.query_embeddings)
+            elif getattr(self.segmenter, "teacher", None) is None:
+                raise ConfigError(
+                    f"query {text!r}: no CLIP text encoder is loaded (clip_weights) and "
+                    "query_embeddings names no embedding file: cannot embed it")
+        with self._vocab_lock:
+            self._pending_query = (text, emb)
+
+    def _apply_pending_query(self) -> str | None:
+        with self._vocab_lock:
+            pending, self._pending_query = self._pending_query, None
+        if pending is None:
+            return None
+        text, emb = pending
+        try:
+            self.segmenter.set_query(text or None, embedding=emb)
+        except Exception as exc:  # noqa: BLE001 - a query never stops the stream: off, and why
+            self.segmenter.set_query(None)
+            return f"query {text!r} failed ({type(exc).__name__}: {exc}): no relevance field"
         return None
 
     def palette(self, class_names: Sequence[str]) -> np.ndarray:
@@ -428,9 +477,9 @@ class SegmentationPipeline:
         except (AttributeError, TypeError) as exc:
             return PipelineOutput(0, "", "error", error=f"not a PointCloud2 header: {exc}")
         out = PipelineOutput(stamp, frame_id, "ok", cameras_skipped=dict(skipped or {}))
-        vocab_problem = self._apply_pending_vocabulary()
-        if vocab_problem:
-            out.warnings.append(vocab_problem)
+        for problem in (self._apply_pending_vocabulary(), self._apply_pending_query()):
+            if problem:
+                out.warnings.append(problem)
         try:
             scan, stats = cloud_to_scan(cloud_msg, self._fields)
         except Clip2SceneError as exc:
@@ -474,7 +523,7 @@ class SegmentationPipeline:
         if len(scan) == 0:
             labels = np.zeros(0, np.int64)
             scores = np.zeros(0, np.float32)
-            sources = empty_sources(self.schema)
+            sources = empty_sources(self.schema, getattr(self.segmenter, "optional_sources", ()))
             out.status = "empty"
             out.class_names = self.class_names
         else:

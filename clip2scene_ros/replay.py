@@ -9,9 +9,9 @@ camera pose at the image stamp, compensating the vehicle's motion between them; 
 from the node's parameters
 (``--params config/segment.yaml``, overridden by the options) — and writes a rosbag2 with
 the labelled PointCloud2 (same fields as the node publishes: x, y, z, [intensity], label,
-score, rgb) on ``/clip2scene_segmenter/labeled_points``, at the input cloud's bag time, so
-``ros2 bag play`` of the result drives RViz like the live node. ``--copy-inputs`` copies the
-input topics alongside.
+score, rgb; + relevance with ``--query``) on ``/clip2scene_segmenter/labeled_points``, at the
+input cloud's bag time, so ``ros2 bag play`` of the result drives RViz like the live node.
+``--copy-inputs`` copies the input topics alongside.
 
 It reports per-frame latency (p50 / p95 / max of convert, voxelize, infer, publish, total),
 throughput, frames dropped and why, and what the bag reader had to skip (a truncated or
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "cpu_threads; 0: automatic, one on machines with two cores or fewer)")
     p.add_argument("--clip-weights", help="CLIP weights: enables --class-names and camera fusion")
     p.add_argument("--class-names", help="comma-separated open vocabulary (needs --clip-weights)")
+    p.add_argument("--query", help="open-vocabulary query: the output clouds get a per-point "
+                                   "'relevance' field (0..1); needs --clip-weights or "
+                                   "--query-embeddings")
+    p.add_argument("--query-embeddings", type=Path,
+                   help="embedding file whose class names are the query texts "
+                        "(clip2scene_core.clip.save_text_embeddings); default: the CLIP text encoder")
     p.add_argument("--lidar-topic", help="PointCloud2 input (default: params file, else the only one)")
     p.add_argument("--no-cameras", action="store_true", help="LiDAR only, ignore image topics")
     p.add_argument("--slop", type=float, help="sync: max |t_image - t_sweep| in s")
@@ -138,6 +144,10 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
         changes["clip_weights"] = args.clip_weights
     if args.class_names:
         changes["class_names"] = [n.strip() for n in args.class_names.split(",") if n.strip()]
+    if args.query is not None:
+        changes["query"] = args.query
+    if args.query_embeddings is not None:
+        changes["query_embeddings"] = str(args.query_embeddings)
     if args.slop is not None:
         changes["slop"] = args.slop
     if args.camera_timeout is not None:

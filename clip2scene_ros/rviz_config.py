@@ -2,8 +2,10 @@
 
 A static .rviz file cannot follow launch arguments, so segment.launch.py renders the shipped
 file through `render_rviz_config` into a temporary file: the fixed frame, the input cloud's
-topic, the node's output topics under its namespace/name, one image display per camera, and
-the label-id display's intensity range covering the vocabulary (0 … K-1). Pure (PyYAML only).
+topic, the node's output topics under its namespace/name (every display of ``labeled_points``,
+the query-relevance heat map too, whose fixed 0 … 1 range is left as it is), one image display
+per camera, and the label-id display's intensity range covering the vocabulary (0 … K-1).
+Pure (PyYAML only).
 """
 from __future__ import annotations
 

@@ -433,7 +433,7 @@ def test_parameter_round_trip_and_specs():
     assert cfg.slop == 1.0 and isinstance(cfg.slop, float)
     assert from_parameters(to_parameters(cfg)) == cfg
     specs = parameter_specs()
-    assert [s.name for s in specs if s.dynamic] == ["class_names"]
+    assert [s.name for s in specs if s.dynamic] == ["class_names", "query"]
     assert all(s.description for s in specs)
     assert [s.name for s in camera_specs("left")] == [
         "camera.left.image_topic", "camera.left.info_topic", "camera.left.transport",

@@ -292,6 +292,53 @@ def test_managed_node_life_cycle(ros, nusc, checkpoint):
         tester.destroy_node()
 
 
+def test_query_parameter_adds_and_removes_the_relevance_field(ros, nusc, checkpoint, tmp_path):
+    """``query`` at run time: the next clouds carry ``relevance``, "" removes it; a text the
+    embedding file does not hold is refused with the reason and the node keeps its query."""
+    import torch
+    import torch.nn.functional as F
+
+    from clip2scene_core.checkpoint import load_checkpoint
+    from clip2scene_core.clip import Vocabulary, save_text_embeddings
+
+    ckpt = load_checkpoint(checkpoint)
+    queries = tmp_path / "queries.pt"
+    emb = F.normalize(torch.randn(1, ckpt.text_embeddings.shape[1],
+                                  generator=torch.Generator().manual_seed(0)), dim=1)
+    save_text_embeddings(queries, Vocabulary.from_names(["fire hydrant"]), emb, ckpt.clip_model)
+    factory = MessageFactory.from_rclpy()
+    node = SegmenterNode("c2s_query", parameter_overrides=[
+        Parameter("checkpoint", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("lidar_topic", value="/c2s_q/points"),
+        Parameter("query_embeddings", value=str(queries))])
+    tester = rclpy.create_node("c2s_tester_q")
+    clouds = []
+    tester.create_subscription(PointCloud2, "/c2s_query/labeled_points", clouds.append, 10)
+    pub = tester.create_publisher(PointCloud2, "/c2s_q/points", qos_profile_sensor_data)
+    cloud = make_cloud(subsample(nusc.points)[::4], factory)
+    spinner = Spinner(node, tester)
+    last_fields = lambda: [f.name for f in clouds[-1].fields] if clouds else []   # noqa: E731
+    try:
+        assert _wait(lambda: clouds, 60.0, tick=lambda: pub.publish(cloud), period=0.3)
+        assert last_fields()[-1] == "rgb"
+        assert node.set_parameters([Parameter("query", value="fire hydrant")])[0].successful
+        assert _wait(lambda: last_fields()[-1:] == ["relevance"], 30.0,
+                     tick=lambda: pub.publish(cloud), period=0.3)
+        rel = read_points(clouds[-1])["relevance"]
+        assert len(rel) == cloud.width and ((rel >= 0) & (rel <= 1)).all() and rel.std() > 0
+        bad = node.set_parameters([Parameter("query", value="tree")])[0]
+        assert not bad.successful and str(queries) in bad.reason and "fire hydrant" in bad.reason
+        assert node.get_parameter("query").value == "fire hydrant"
+        assert node.set_parameters([Parameter("query", value="")])[0].successful
+        assert _wait(lambda: last_fields()[-1:] == ["rgb"], 30.0, tick=lambda: pub.publish(cloud),
+                     period=0.3)
+    finally:
+        node.shutdown()
+        spinner.stop()
+        node.destroy_node()
+        tester.destroy_node()
+
+
 # -- the tf2_ros / message_filters code path (ROS hosts), with stand-ins for just those two ----
 def _stand_in_tf2_and_message_filters(monkeypatch, calls: dict) -> None:
     """tf2_ros and message_filters are not installable here: minimal look-alikes of the parts

@@ -57,7 +57,8 @@ def _cloud(n: int = 40, nan_every: int = 7) -> tuple[object, np.ndarray]:
 
 def test_default_schema_is_the_published_layout():
     assert OUTPUT_FIELDS == ("label", "score", "rgb")
-    assert [f.source for f in OUTPUT_SCHEMA] == ["labels", "scores", "labels"]
+    assert [(f.source, f.optional) for f in OUTPUT_SCHEMA] == [
+        ("labels", False), ("scores", False), ("labels", False), ("relevance", True)]
     labels = np.array([0, 2, -1, 1])
     scores = np.array([0.5, 0.25, 0.0, 1.0], np.float32)
     pal = palette_for(CLASSES)
@@ -137,3 +138,39 @@ def test_a_result_without_a_schema_source_fails_the_frame_naming_it():
                                 schema=OUTPUT_SCHEMA + (OutputField("grad", np.float32, "gradient"),))
     out = pipe.process(_cloud()[0])
     assert out.status == "error" and "gradient" in out.error and "grad" in out.error
+
+
+@pytest.mark.parametrize("layout", ["compact", "input"])
+def test_an_optional_field_is_written_only_while_the_result_carries_it(layout):
+    """``relevance`` (an optional row): absent while the result's attribute is None — the
+    cloud is byte for byte the default layout —, the last field while it is set."""
+    class _Query(_Segmenter):
+        relevance = None
+
+        def segment(self, scan, cameras=(), predictions=(), projections=None):
+            res = super().segment(scan)
+            res.relevance = self.relevance if self.relevance is None else \
+                np.linspace(0, 1, len(scan), dtype=np.float32)
+            return res
+
+    seg = _Query()
+    cloud, pts = _cloud()
+    plain = SegmentationPipeline(_Segmenter(), PipelineConfig(output_layout=layout), FACTORY,
+                                 schema=OUTPUT_SCHEMA[:3]).process(cloud).cloud
+    pipe = SegmentationPipeline(seg, PipelineConfig(output_layout=layout), FACTORY)
+    off = pipe.process(cloud).cloud
+    assert [f.name for f in off.fields] == [f.name for f in plain.fields]
+    assert bytes(off.data) == bytes(plain.data) and off.point_step == plain.point_step
+    seg.relevance = True
+    on = pipe.process(cloud).cloud
+    assert [f.name for f in on.fields][-4:] == ["label", "score", "rgb", "relevance"]
+    got = read_points(on)
+    kept = np.isfinite(pts[:, :3]).all(1)
+    rel = np.linspace(0, 1, int(kept.sum()), dtype=np.float32)
+    if layout == "input":
+        np.testing.assert_array_equal(got["relevance"][kept], rel)
+        assert (got["relevance"][~kept] == 0).all()
+    else:
+        np.testing.assert_array_equal(got["relevance"], rel)
+    assert set(result_sources(SimpleNamespace(labels=1, scores=2, relevance=None))) == \
+        {"labels", "scores"}
