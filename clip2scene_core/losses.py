@@ -1,4 +1,5 @@
-"""CLIP2Scene training losses (Chen et al., CVPR 2023) and Lovász-softmax for fine-tuning.
+"""CLIP2Scene training losses (Chen et al., CVPR 2023), Lovász-softmax for fine-tuning and for
+class-imbalance handling on the pre-training pseudo-labels.
 
 Equation numbers are those of the CVPR 2023 paper (Sec. 3.2). Where the released code
 (github.com/runnanchen/CLIP2Scene, ``pretrain/lightning_trainer.py``, ``model/fusionNet.py``)
@@ -32,6 +33,11 @@ one exception, the form of Eq. 1 (below), where the printed form is an option.
       of D(·, t)/λ (Eq. 3–4, λ = 1),
   and every point of the cell is pulled to f_n by  L = Σ_n Σ_{i∈g_n} (1 - sigmoid(D(p_i, f_n))) / N
   with N the number of cells (Eq. 2).
+* Class imbalance on the pseudo-labels (not in the paper, off by default; ``ScrConfig``):
+  ``class_weights`` weighs the SCR terms by the inverse (square root of the) pseudo-label
+  frequency of the batch, ``lovasz_weight`` adds a Lovász-softmax term on the SCR head's
+  text classifier against the same targets. Without either, rare classes (poles, signs,
+  trunks) end at 0 IoU in the oracle-teacher benchmark (benchmarks/learning_oracle.py).
 * Switchable self-training (Sec. 3.2.3): from ``switch_epoch`` on (paper: after 10 epochs) the
   SCR targets are, by a coin, the pixel pseudo-labels or the point head's own predictions.
 
@@ -50,12 +56,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import Clip2SceneError
+from .imbalance import CLASS_WEIGHTS, class_balance_weights, lovasz_softmax
 
 __all__ = [
     "ScrConfig", "SsrConfig", "SelfTrainingConfig",
     "cosine_logits", "scr_contrastive_loss", "scr_cross_entropy_loss", "semantic_consistency_loss",
     "grid_partition", "grid_labels", "text_guided_fusion", "ssr_loss",
-    "switchable_targets", "lovasz_softmax", "segmentation_loss",
+    "switchable_targets", "lovasz_softmax", "segmentation_loss", "CLASS_WEIGHTS", "class_balance_weights",
+    "pseudo_label_lovasz",
 ]
 
 
@@ -70,12 +78,23 @@ class ScrConfig:
     form: Literal["per_point", "per_class"] = "per_point"   # one term per point / Eq. 1 as printed
     ce_temperature: float = 0.07      # logit scale of the CE-over-text variant
     weight: float = 1.0
+    # class-imbalance handling on the pseudo-labels (not in the paper; off by default):
+    # per-point weights of the SCR term from the batch's pseudo-label frequencies, and a
+    # Lovász-softmax term (Berman et al. 2018) on softmax(cos(point, text) / lovasz_temperature)
+    class_weights: Literal["none", "inverse_sqrt_freq", "inverse_freq"] = "none"
+    lovasz_weight: float = 0.0
+    lovasz_temperature: float = 0.07
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or self.ce_temperature <= 0:
+        if self.temperature <= 0 or self.ce_temperature <= 0 or self.lovasz_temperature <= 0:
             raise ValueError("temperatures must be positive")
         if self.form not in ("per_class", "per_point"):
             raise ValueError(f"unknown SCR form {self.form!r}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class_weights {self.class_weights!r} (one of {', '.join(CLASS_WEIGHTS)})")
+        if not (isinstance(self.lovasz_weight, (int, float)) and math.isfinite(self.lovasz_weight)
+                and self.lovasz_weight >= 0):
+            raise ValueError(f"lovasz_weight must be a finite number >= 0, got {self.lovasz_weight!r}")
 
 
 @dataclass
@@ -144,7 +163,8 @@ def _zero(ref: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- SCR (Eq. 1)
 def scr_contrastive_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
                          temperature: float = 0.5, ignore_index: int = -1,
-                         form: Literal["per_point", "per_class"] = "per_point") -> Tensor:
+                         form: Literal["per_point", "per_class"] = "per_point",
+                         class_weights: Tensor | None = None) -> Tensor:
     """Semantic-driven contrastive loss of Eq. 1, anchored on the text embeddings.
 
     With s_jc = D(p_j, t_c)/τ (D = cosine) over the labelled points j:
@@ -163,7 +183,9 @@ def scr_contrastive_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
 
         L = -1/M Σ_i log( exp(s_ic_i) / (exp(s_ic_i) + Σ_{j: y_j≠c_i} exp(s_jc_i)) )
 
-    Points with ``ignore_index`` take no part. O(N·K).
+    Points with ``ignore_index`` take no part. O(N·K). ``class_weights`` (K,) weigh the
+    terms by class: the per-class terms are multiplied by w_c, the per-point mean becomes
+    Σ_i w_{c_i} L_i / Σ_i w_{c_i}.
     """
     _check_labels(point_feats, text_emb, labels)
     keep = labels != ignore_index
@@ -179,6 +201,8 @@ def scr_contrastive_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
         pos = is_class[:, present]
         lse_pos = torch.logsumexp(s_p.masked_fill(~pos, float("-inf")), dim=0)
         lse_all = torch.logsumexp(s_p.masked_fill(~keep[:, None], float("-inf")), dim=0)
+        if class_weights is not None:
+            return ((lse_all - lse_pos) * class_weights.to(sim.dtype)[present]).sum()
         return (lse_all - lse_pos).sum()
     if form != "per_point":
         raise ValueError(f"unknown SCR form {form!r}")
@@ -190,26 +214,47 @@ def scr_contrastive_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
     pos = sim.gather(1, lab[:, None]).squeeze(1)                       # (N,)
     denom = torch.logaddexp(pos, neg_lse[lab])                         # -inf + x = x
     loss = (denom - pos)[keep]
+    if class_weights is not None:
+        w = class_weights.to(loss.dtype)[lab[keep]]
+        return (loss * w).sum() / w.sum()
     return loss.mean()
 
 
 def scr_cross_entropy_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
-                           temperature: float = 0.07, ignore_index: int = -1) -> Tensor:
+                           temperature: float = 0.07, ignore_index: int = -1,
+                           class_weights: Tensor | None = None) -> Tensor:
     """Released-code variant: cross-entropy over the text classifier. The released code uses
-    raw dot products (logit scale 1); here cosine / ``temperature``."""
+    raw dot products (logit scale 1); here cosine / ``temperature``. ``class_weights``: the
+    weighted mean of ``F.cross_entropy``."""
     _check_labels(point_feats, text_emb, labels)
     if not bool((labels != ignore_index).any()):
         return _zero(point_feats)
     logits = cosine_logits(point_feats, text_emb) / temperature
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    w = None if class_weights is None else class_weights.to(logits.dtype)
+    return F.cross_entropy(logits, labels, weight=w, ignore_index=ignore_index)
 
 
 def semantic_consistency_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
                               cfg: ScrConfig, ignore_index: int = -1) -> Tensor:
-    """SCR with the variant chosen in ``cfg`` (unweighted)."""
+    """SCR with the variant chosen in ``cfg`` (not multiplied by ``cfg.weight``), its terms
+    weighted by ``cfg.class_weights`` from the pseudo-label counts of ``labels``; without the
+    Lovász term (``pseudo_label_lovasz``)."""
+    w = class_balance_weights(labels, text_emb.shape[0], cfg.class_weights, ignore_index)
     if cfg.variant == "contrastive":
-        return scr_contrastive_loss(point_feats, text_emb, labels, cfg.temperature, ignore_index, cfg.form)
-    return scr_cross_entropy_loss(point_feats, text_emb, labels, cfg.ce_temperature, ignore_index)
+        return scr_contrastive_loss(point_feats, text_emb, labels, cfg.temperature, ignore_index, cfg.form,
+                                    class_weights=w)
+    return scr_cross_entropy_loss(point_feats, text_emb, labels, cfg.ce_temperature, ignore_index,
+                                  class_weights=w)
+
+
+def pseudo_label_lovasz(point_feats: Tensor, text_emb: Tensor, labels: Tensor, temperature: float = 0.07,
+                        ignore_index: int = -1) -> Tensor:
+    """Lovász-softmax (``lovasz_softmax``) of the text classifier softmax(cos(p, t) / τ)
+    against the pseudo-labels: a surrogate of 1 − IoU of every pseudo-label class present,
+    so rare classes (poles, signs) weigh as much as road and vegetation."""
+    _check_labels(point_feats, text_emb, labels)
+    probs = F.softmax(cosine_logits(point_feats, text_emb) / temperature, dim=1)
+    return lovasz_softmax(probs, labels, ignore_index=ignore_index)
 
 
 # ----------------------------------------------------------------------------- SSR (Eq. 2–4)
@@ -338,43 +383,6 @@ def switchable_targets(pixel_labels: Tensor, point_logits: Tensor, epoch: int,
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def _lovasz_grad(gt_sorted: Tensor) -> Tensor:
-    """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors."""
-    gts = gt_sorted.sum()
-    inter = gts - gt_sorted.cumsum(0)
-    union = gts + (1.0 - gt_sorted).cumsum(0)
-    jac = 1.0 - inter / union
-    if gt_sorted.numel() > 1:
-        jac = torch.cat([jac[:1], jac[1:] - jac[:-1]])
-    return jac
-
-
-def lovasz_softmax(probs: Tensor, labels: Tensor, classes: Literal["present", "all"] = "present",
-                   ignore_index: int = -1) -> Tensor:
-    """Lovász-softmax loss (Berman et al., CVPR 2018): a convex surrogate of 1 - IoU per class.
-
-    ``probs`` (N, C) softmax probabilities, ``labels`` (N,). Mean over the classes present in
-    ``labels`` (or all classes).
-    """
-    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
-        raise Clip2SceneError("lovasz_softmax expects probs (N, C) and labels (N,)")
-    keep = labels != ignore_index
-    probs, labels = probs[keep], labels[keep]
-    if probs.numel() == 0:
-        return _zero(probs)
-    losses = []
-    for c in range(probs.shape[1]):
-        fg = (labels == c).to(probs.dtype)
-        if classes == "present" and not bool(fg.any()):
-            continue
-        err = (fg - probs[:, c]).abs()
-        err_sorted, order = torch.sort(err, descending=True)
-        losses.append(torch.dot(err_sorted, _lovasz_grad(fg[order])))
-    if not losses:
-        return _zero(probs)
-    return torch.stack(losses).mean()
-
-
 def segmentation_loss(logits: Tensor, labels: Tensor, lovasz_weight: float = 1.0,
                       ignore_index: int = -1, class_weights: Tensor | None = None) -> Tensor:
     """Fine-tuning loss: cross-entropy + ``lovasz_weight`` × Lovász-softmax."""

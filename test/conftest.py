@@ -19,6 +19,20 @@ os.environ["CLIP2SCENE_CACHE"] = tempfile.mkdtemp(prefix="clip2scene-test-cache-
 os.environ["ROS_DOMAIN_ID"] = os.environ.get("CLIP2SCENE_TEST_DOMAIN_ID") or str(random.randint(1, 101))
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+# One torch thread, passive OpenMP waiting: on a shared 2-core machine torch's default two
+# threads spin against a busy core (a 30 s training test took over an hour beside two other
+# jobs). Set before torch loads (OpenMP reads the policy once); the suite's results do not
+# depend on the thread count. Tests of thread settings set and restore their own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_for_the_session():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """CLIP2Scene losses: Eq. 1 and Eq. 2–4 against brute-force references written from the
 paper's formulas, SSR fusion properties on a real scan's grid, which points the pre-training
-objective hands to SSR, switchable self-training, and Lovász-softmax = 1 - IoU on hard
-predictions."""
+objective hands to SSR, switchable self-training, Lovász-softmax = 1 - IoU on hard
+predictions, and the class-imbalance options on the pseudo-labels (class weights, Lovász)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from clip2scene_core.errors import Clip2SceneError
 from clip2scene_core.losses import (
-    ScrConfig, SelfTrainingConfig, SsrConfig, grid_labels, grid_partition, lovasz_softmax,
-    scr_contrastive_loss, scr_cross_entropy_loss, segmentation_loss, semantic_consistency_loss,
-    ssr_loss, switchable_targets, text_guided_fusion,
+    ScrConfig, SelfTrainingConfig, SsrConfig, class_balance_weights, cosine_logits, grid_labels, grid_partition,
+    lovasz_softmax, pseudo_label_lovasz, scr_contrastive_loss, scr_cross_entropy_loss, segmentation_loss,
+    semantic_consistency_loss, ssr_loss, switchable_targets, text_guided_fusion,
 )
 
 
@@ -361,3 +361,154 @@ def test_segmentation_loss_perfect_is_small_and_ignores():
     bad = -good
     assert float(segmentation_loss(good, labels)) < 1e-3
     assert float(segmentation_loss(bad, labels)) > 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 50), c=st.integers(2, 5), seed=st.integers(0, 10_000))
+def test_lovasz_hard_predictions_all_classes_and_ignored_points(n, c, seed):
+    """1 - IoU per class on one-hot predictions (classes="all": a class absent from both
+    prediction and labels has loss 0, one only predicted has 1); ignored points, whatever
+    their prediction, change nothing."""
+    rng = np.random.default_rng(seed)
+    gt = torch.from_numpy(rng.integers(0, c, n))
+    pred = torch.from_numpy(rng.integers(0, c, n))
+    losses = []
+    for k in range(c):
+        union = int(((pred == k) | (gt == k)).sum())
+        losses.append(0.0 if union == 0 else 1.0 - int(((pred == k) & (gt == k)).sum()) / union)
+    probs = F.one_hot(pred, c).double()
+    assert float(lovasz_softmax(probs, gt, classes="all")) == pytest.approx(float(np.mean(losses)), abs=1e-12)
+    extra = int(rng.integers(1, 10))
+    junk = F.softmax(torch.from_numpy(rng.normal(size=(extra, c))), dim=1)
+    with_ignored = lovasz_softmax(torch.cat([probs, junk]), torch.cat([gt, torch.full((extra,), -1)]))
+    assert float(with_ignored) == pytest.approx(float(lovasz_softmax(probs, gt)), abs=1e-12)
+
+
+def test_lovasz_gradient_flows_and_descends():
+    """Gradients reach every non-ignored logit; ignored points get none; gradient descent on
+    the Lovász term alone raises the IoU of the argmax."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
+    logits = torch.randn(10, 3, generator=g, requires_grad=True)
+    loss = lovasz_softmax(F.softmax(logits, dim=1), labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(grad).all()
+    assert (grad[:9].abs().sum(1) > 0).all() and float(grad[9].abs().sum()) == 0.0
+    x = torch.randn(10, 3, generator=g, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=5.0)
+    first = float(lovasz_softmax(F.softmax(x.detach(), dim=1), labels))
+    for _ in range(100):
+        opt.zero_grad()
+        lovasz_softmax(F.softmax(x, dim=1), labels).backward()
+        opt.step()
+    assert float(lovasz_softmax(F.softmax(x.detach(), dim=1), labels)) < 0.5 * first
+    assert torch.equal(x.detach().argmax(1)[:9], labels[:9])
+    # only ignored points: zero, still in the graph
+    z = lovasz_softmax(F.softmax(logits, dim=1), torch.full((10,), -1))
+    assert float(z.detach()) == 0.0 and z.requires_grad
+
+
+def test_pseudo_label_lovasz_is_lovasz_of_the_text_classifier():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(40, 8, generator=g, requires_grad=True)
+    text = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    labels = torch.randint(-1, 4, (40,), generator=g)
+    got = pseudo_label_lovasz(feats, text, labels, temperature=0.1)
+    want = lovasz_softmax(F.softmax(cosine_logits(feats, text) / 0.1, dim=1), labels)
+    assert float(got) == pytest.approx(float(want), abs=1e-7)
+    (grad,) = torch.autograd.grad(got, feats)
+    assert (grad[labels >= 0].abs().sum(1) > 0).all()
+    with pytest.raises(Clip2SceneError):
+        pseudo_label_lovasz(feats, text, torch.full((40,), 7))
+
+
+def test_class_balance_weights():
+    labels = torch.tensor([0] * 16 + [1] * 4 + [2] * 1 + [-1] * 5)
+    assert class_balance_weights(labels, 4, "none") is None
+    for mode, power in (("inverse_sqrt_freq", 0.5), ("inverse_freq", 1.0)):
+        w = class_balance_weights(labels, 4, mode)
+        counts = torch.tensor([16.0, 4.0, 1.0])
+        raw = counts.pow(-power)
+        assert torch.allclose(w[:3] / w[0], raw / raw[0])
+        assert float(w[3]) == 0.0                                   # absent class
+        assert float((w[:3] * counts).sum() / counts.sum()) == pytest.approx(1.0)   # mean point weight 1
+    with pytest.raises(ValueError):
+        class_balance_weights(labels, 4, "median")
+    with pytest.raises(ValueError):
+        ScrConfig(class_weights="median")
+    with pytest.raises(ValueError):
+        ScrConfig(lovasz_weight=-1.0)
+
+
+@pytest.mark.parametrize("variant,form", [("contrastive", "per_point"), ("contrastive", "per_class"),
+                                          ("cross_entropy", "per_point")])
+def test_class_weighted_scr(variant, form):
+    """Weighted SCR = the weighted mean of the per-point terms (per-class form: w_c × its term);
+    the defaults leave the loss bit-identical to the unweighted one."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(30, 6, generator=g)
+    text = F.normalize(torch.randn(3, 6, generator=g), dim=1)
+    labels = torch.tensor([0] * 20 + [1] * 6 + [2] * 2 + [-1] * 2)
+    plain = ScrConfig(variant=variant, form=form)
+    weighted = ScrConfig(variant=variant, form=form, class_weights="inverse_freq")
+    base = (scr_contrastive_loss(feats, text, labels, plain.temperature, form=form) if variant == "contrastive"
+            else scr_cross_entropy_loss(feats, text, labels, plain.ce_temperature))
+    assert torch.equal(semantic_consistency_loss(feats, text, labels, plain), base)
+    w = class_balance_weights(labels, 3, "inverse_freq")
+    got = semantic_consistency_loss(feats, text, labels, weighted)
+    keep = labels >= 0
+    if variant == "cross_entropy":
+        per = F.cross_entropy(cosine_logits(feats, text) / plain.ce_temperature, labels.clamp_min(0), reduction="none")
+        want = (per * w[labels.clamp_min(0)])[keep].sum() / w[labels[keep]].sum()
+    elif form == "per_point":
+        sim = cosine_logits(feats, text) / plain.temperature
+        terms = []
+        for i in torch.nonzero(keep).squeeze(1).tolist():      # own positive vs its text's negatives
+            c = int(labels[i])
+            neg = sim[keep & (labels != c), c]
+            terms.append(torch.logsumexp(torch.cat([sim[i:i + 1, c], neg]), 0) - sim[i, c])
+        want = (torch.stack(terms) * w[labels[keep]]).sum() / w[labels[keep]].sum()
+    else:
+        sim = cosine_logits(feats, text) / plain.temperature
+        want = sum(w[c] * (torch.logsumexp(sim[keep, c], 0) - torch.logsumexp(sim[labels == c, c], 0))
+                   for c in range(3))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    # rare classes weigh more: their gradient share grows
+    f = feats.clone().requires_grad_(True)
+    (gp,) = torch.autograd.grad(semantic_consistency_loss(f, text, labels, plain), f)
+    f = feats.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(semantic_consistency_loss(f, text, labels, weighted), f)
+    def share(grad: torch.Tensor) -> float:
+        return float(grad[labels == 2].norm() / grad[labels == 0].norm())
+
+    assert share(gw) > share(gp)
+
+
+def test_pretrain_objective_lovasz_term(monkeypatch):
+    """``loss.scr.lovasz_weight`` adds the Lovász term of the SCR head on the pseudo-labels of
+    the paired points (logged as ``lovasz``); the default adds nothing (bit-identical total)."""
+    from types import SimpleNamespace
+
+    from training.engine import objectives
+    from training.engine.config import PretrainLossConfig
+    from training.engine.data import Batch
+
+    g = torch.Generator().manual_seed(3)
+    k, d = 3, 8
+    text = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    has_pixel = torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    labels = torch.tensor([0, 0, 1, 2, 2, -1])
+    batch = Batch(None, torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.bool),
+                  torch.rand(6, 3, generator=g), has_pixel, labels, torch.randn(5, d, generator=g), None,
+                  torch.arange(6), [6], [])
+    local = torch.randn(6, d, generator=g, requires_grad=True)
+    glob = torch.randn(6, d, generator=g, requires_grad=True)
+    monkeypatch.setattr(objectives, "forward_net", lambda model, b: SimpleNamespace(local=local, global_=glob))
+    off = SelfTrainingConfig(enabled=False)
+    plain, s0 = objectives.PretrainObjective(PretrainLossConfig(self_training=off), text)(None, batch, 0, g)
+    assert "lovasz" not in s0
+    cfg = PretrainLossConfig(scr=ScrConfig(lovasz_weight=0.5, lovasz_temperature=0.1), self_training=off)
+    total, s1 = objectives.PretrainObjective(cfg, text)(None, batch, 0, g)
+    want = pseudo_label_lovasz(local[:5], text, labels[:5], 0.1)
+    assert s1["lovasz"] == pytest.approx(float(want), abs=1e-6)
+    assert float(total) == pytest.approx(float(plain) + 0.5 * float(want), abs=1e-5)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip2scene_core.losses import (cosine_logits, grid_labels, grid_partition, segmentation_loss,
-                                    semantic_consistency_loss, ssr_loss, switchable_targets)
+from clip2scene_core.losses import (cosine_logits, grid_labels, grid_partition, pseudo_label_lovasz,
+                                    segmentation_loss, semantic_consistency_loss, ssr_loss, switchable_targets)
 from clip2scene_core.models import VoxelBatch
 
 from .config import FinetuneLossConfig, PretrainLossConfig
@@ -30,6 +30,10 @@ class PretrainObjective:
     pixel-point pairs of the key frame plus the sweep points (aligned into the key frame; our
     pipeline gives them no pixel, so they enter as point members), grid cells labelled by the
     pixel pseudo-labels (never the switched ones, as in the released code).
+
+    Class imbalance (``loss.scr.class_weights``, ``loss.scr.lovasz_weight``, both off by
+    default): the SCR terms weighted by pseudo-label frequency, and a Lovász-softmax term on
+    the SCR head against the same targets (logged as ``lovasz``).
     """
 
     def __init__(self, cfg: PretrainLossConfig, text_emb: torch.Tensor) -> None:
@@ -52,6 +56,10 @@ class PretrainObjective:
             scr = semantic_consistency_loss(local_p, text, targets, self.cfg.scr)
             total = total + self.cfg.scr.weight * scr
             scalars["scr"] = float(scr.detach())
+            if self.cfg.scr.lovasz_weight > 0:
+                lov = pseudo_label_lovasz(local_p, text, targets, self.cfg.scr.lovasz_temperature)
+                total = total + self.cfg.scr.lovasz_weight * lov
+                scalars["lovasz"] = float(lov.detach())
             scalars["agreement"] = float((logits.detach().argmax(1) == pix_lab).float().mean())
             if self.cfg.self_train_unpaired and epoch >= self.cfg.self_training.switch_epoch:
                 rest = batch.is_key & ~paired
