@@ -130,7 +130,7 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
     order = list(range(len(reader))) if indices is None else list(indices)
     n = len(order) if max_samples is None else min(len(order), max_samples)
     summary: dict[str, Any] = {"bag": str(out), "frames": 0, "sweeps": 0, "cameras": 0,
-                               "labelled_frames": 0}
+                               "labeled_frames": 0}
     last_static: dict[str, np.ndarray] | None = None
     written_sweeps: set[int] = set()
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def convert(reader: Any, out: Path, plan: Callable[[int, Sample], tuple[dict, li
             if sample.labels is not None:
                 events.append((sample.scan.stamp_ns, 3, lambda s=sample: w.write_labels(
                     s.labels, s.scan.stamp_ns)))
-                summary["labelled_frames"] += 1
+                summary["labeled_frames"] += 1
             events.append((sample.scan.stamp_ns, 4, lambda s=sample: w.write_scan(s.scan)))
             for _, _, write in sorted(events, key=lambda e: (e[0], e[1])):
                 write()

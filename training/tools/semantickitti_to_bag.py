@@ -52,7 +52,7 @@ def convert(root: Path, sequence: str, out: Path, *, storage: str = "mcap",
     n = len(reader) if max_frames is None else min(len(reader), max_frames)
     times_file = root / "sequences" / seq / "times.txt"
     table = np.loadtxt(times_file, ndmin=1) if times_file.is_file() else None
-    summary: dict[str, Any] = {"bag": str(out), "frames": 0, "cameras": 0, "labelled_frames": 0,
+    summary: dict[str, Any] = {"bag": str(out), "frames": 0, "cameras": 0, "labeled_frames": 0,
                                "poses": False}
     t0 = time.perf_counter()
     with SampleBagWriter(out, storage=storage, compressed_images=compressed_images,
@@ -78,7 +78,7 @@ def convert(root: Path, sequence: str, out: Path, *, storage: str = "mcap",
                 summary["cameras"] += 1
             if sample.labels is not None:
                 w.write_labels(sample.labels, stamp)
-                summary["labelled_frames"] += 1
+                summary["labeled_frames"] += 1
             w.write_scan(sample.scan, stamp)
             summary["frames"] += 1
             if progress:
