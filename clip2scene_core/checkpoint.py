@@ -21,7 +21,7 @@ from .versioned import (DIGEST_KEY, FileKind, check_finite, load_versioned, nonf
                         payload_digest, save_versioned, seal, verify_digest)
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_KIND", "Checkpoint",
-           "save_checkpoint", "load_checkpoint", "DIGEST_KEY", "payload_digest", "seal",
+           "save_checkpoint", "load_checkpoint", "checkpoint_from_data", "DIGEST_KEY", "payload_digest", "seal",
            "verify_digest", "nonfinite_tensors", "check_finite"]
 
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
@@ -72,11 +72,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate a checkpoint; any problem is a CheckpointError naming the file."""
+    data, _ = load_versioned(path, CHECKPOINT_KIND, map_location)
+    return checkpoint_from_data(data, path)
+
+
+def checkpoint_from_data(data: dict[str, Any], path: str | Path) -> Checkpoint:
+    """Validate a checkpoint's header-checked dict (`load_versioned` / `check_versioned`)."""
     from .clip.vocabulary import Vocabulary
     from .models import ModelConfig
 
     path = Path(path)
-    data, _ = load_versioned(path, CHECKPOINT_KIND, map_location)
     try:
         model_config = from_dict(ModelConfig, data["model_config"], "model_config")
         vocabulary = Vocabulary.from_dict(data["vocabulary"])

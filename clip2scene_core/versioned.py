@@ -29,7 +29,7 @@ from .errors import CheckpointError
 
 __all__ = ["DIGEST_KEY", "FileKind", "payload_digest", "seal", "verify_digest",
            "nonfinite_tensors", "check_finite", "save_versioned", "read_torch_file",
-           "check_header", "load_versioned"]
+           "check_header", "check_versioned", "load_versioned"]
 
 #: key of the content digest inside checkpoints, training states and text-embedding files
 DIGEST_KEY = "sha256"
@@ -185,9 +185,15 @@ def check_header(data: Any, path: str | Path, kind: FileKind) -> dict[str, Any]:
     return data
 
 
+def check_versioned(raw: Any, path: str | Path, kind: FileKind) -> tuple[dict[str, Any], bool]:
+    """Check what `read_torch_file` returned as a ``kind`` file (for callers that read once and
+    decide the kind from the content): (its dict, whether a content digest was verified)."""
+    data = check_header(raw, path, kind)
+    return data, verify_digest(data, path, kind.what)
+
+
 def load_versioned(path: str | Path, kind: FileKind,
                    map_location: Any = "cpu") -> tuple[dict[str, Any], bool]:
     """Read and check a ``kind`` file: (its dict, whether a content digest was verified —
     False for files written before digests existed)."""
-    data = check_header(read_torch_file(path, kind.what, map_location), path, kind)
-    return data, verify_digest(data, path, kind.what)
+    return check_versioned(read_torch_file(path, kind.what, map_location), path, kind)

@@ -510,12 +510,10 @@ class SegmentationPipeline:
                 out.projections[frame.name] = projs[-1]
                 out.camera_frames[frame.name] = frame
             except Clip2SceneError as exc:
-                out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
-                    f"{type(exc).__name__}: {clip_reason(str(exc))}"
+                out.cameras_skipped[name] = f"{type(exc).__name__}: {clip_reason(str(exc))}"
             except Exception as exc:  # noqa: BLE001 - a bug or a lookup's own error type
                 # must not drop the LiDAR output either; named so that it stands out
-                out.cameras_skipped[str(getattr(cam, "name", "?"))] = \
-                    f"unexpected {type(exc).__name__}: {clip_reason(str(exc))}"
+                out.cameras_skipped[name] = f"unexpected {type(exc).__name__}: {clip_reason(str(exc))}"
         out.cameras_used = [f.name for f in frames]
         fused = self._calibrate_predictions(out, predictions or (), tf_lookup) if len(scan) else []
         out.timings["convert"] = time.perf_counter() - t0

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip2scene_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from clip2scene_core.checkpoint import CHECKPOINT_KIND, Checkpoint, checkpoint_from_data, save_checkpoint
 from clip2scene_core.config import from_dict, to_dict
 from clip2scene_core.errors import CheckpointError, ConfigError
-from clip2scene_core.versioned import read_torch_file
+from clip2scene_core.versioned import check_versioned, read_torch_file
 
 from .config import RunConfig, TeacherConfig, VocabConfig
 from .data import Subset
@@ -134,7 +134,7 @@ def read_any_checkpoint(path: str | Path) -> dict[str, Any]:
                     "kind": st.get("kind"), "extra": {"epoch": st.get("epoch"), "history": st.get("history", [])}}
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{path}: training state lacks or garbles {exc}") from exc
-    ck = load_checkpoint(path)
+    ck = checkpoint_from_data(check_versioned(raw, path, CHECKPOINT_KIND)[0], path)   # read once
     return {"model_config": ck.model_config, "net_state": ck.state_dict, "vocabulary": ck.vocabulary,
             "text_embeddings": ck.text_embeddings, "clip_model": ck.clip_model,
             "kind": ck.extra.get("kind", "deployable"), "extra": dict(ck.extra)}
