@@ -1,149 +1,162 @@
-"""Backbone throughput on a real nuScenes sweep, against the machine's dense-GEMM bound.
+"""Backbone forward on real scans: our sparse backend against spconv's CPU backend, same network.
 
-For every available sparse backend/device and every backbone it prints points/s of the
-forward pass (eval mode, no grad, kernel maps built inside the timed forward as in
-deployment; best of ``--repeats`` runs, median too), the useful FLOPs (Σ over conv layers of
-pairs × Cin × Cout × 2, plus the SPVCNN point-branch linears), the dense matmul FLOP/s measured in the same run, and
-time / (FLOPs / GEMM FLOP/s): 1.0 would mean the network runs at dense-GEMM speed.
-On CPU the same ratio is also given in process CPU time, which a shared, oversubscribed
-machine inflates much less than wall time. ``--threads 1`` gives the steadiest figures there
-(OpenMP barriers stall when another process holds the second core). Figures only; nothing
-is asserted.
+For each MinkUNet backbone (14A, 18, 34 at full width, random weights with non-trivial
+BatchNorm statistics) and each real scan (voxelised at ``--voxel-size``), it builds the
+spconv twin of the very same network (`benchmarks/spconv_stack.py`: spconv's SubMConv3d /
+SparseConv3d / SparseInverseConv3d with our weights copied into spconv's layout), checks
+that both give the same features (max abs difference printed; a mismatch stops the run),
+then times, in one process and interleaved (the order rotates every repetition, so all
+variants see the same machine load):
 
-    python benchmarks/backbone_throughput.py [--threads N] [--repeats R] [--backbones ...]
+* ``ours``          — our backbone as the node runs it (eval, inference mode: BN folded);
+* ``spconv``        — the spconv twin written the usual way: conv → BatchNorm1d → ReLU;
+* ``spconv-folded`` — the spconv twin with BN folded into its kernels (as ours does).
+
+Every forward builds its kernel maps inside the timed call, as in deployment. Figures are
+**process CPU time** (what a shared, oversubscribed machine cannot inflate by descheduling
+us), medians over the repetitions, with wall time next to them; the ratio ours / spconv is
+the median of the per-repetition ratios (its min–max spread shows how steady it was; the
+ratio of the best-of-N CPU times is printed too), and "vs best spconv" compares with the
+faster of the two spconv variants. Without spconv
+(optional peer: ``pip install --no-deps --require-hashes -r requirements-bench.txt``, which
+`make bench` does) it says so and times ours alone. Figures only; nothing is asserted.
+
+    python benchmarks/backbone_throughput.py [--threads 1] [--quick] [--repeats R] [--scans ...]
 """
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
+import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from clip2scene_core.models import BACKBONES, ModelConfig, VoxelBatch, build_model
-from clip2scene_core.sparse import Conv3d, backend_name, torchsparse_available
+from clip2scene_core.datasets.base import load_points_bin
+from clip2scene_core.models import ModelConfig, VoxelBatch, build_model
 from clip2scene_core.types import Scan
 from clip2scene_core.voxelize import VoxelConfig, voxelize
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "test" / "data"
+SCANS = {   # name: (file, float32 columns)
+    "nuScenes": (next((DATA / "nuscenes/mmdet3d_demo_scene-0061").glob("*LIDAR_TOP*.pcd.bin")), 5),
+    "SemanticKITTI": (DATA / "semantickitti/squeezesegv3_sample_data/sequences/00/velodyne/000000.bin", 4),
+    "RELLIS-3D": (DATA / "rellis3d/utils_example/000104.bin", 4),
+}
+RANGE = (-60.0, -60.0, -5.0, 60.0, 60.0, 5.0)      # as benchmarks/pipeline_latency.py
+BACKBONES = ("minkunet14a", "minkunet18", "minkunet34")
+TOLERANCE = 1e-4    # max |ours − spconv| relative to max |ours|: float32 summation order only
 
-SCAN = (ROOT / "test/data/nuscenes/mmdet3d_demo_scene-0061"
-        / "n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin")
+
+def load_stack():
+    """benchmarks/spconv_stack.py as a module (benchmarks/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location("spconv_stack", Path(__file__).with_name("spconv_stack.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def scan_batch(name: str, voxel_size: float) -> tuple[VoxelBatch, int]:
+    path, dims = SCANS[name]
+    pts = load_points_bin(path, dims)
+    fields = ("x", "y", "z", "intensity", "ring")[:dims]
+    voxels = voxelize([Scan(pts, fields)], VoxelConfig(voxel_size=voxel_size, point_range=RANGE,
+                                                        features=("intensity",)))
+    return VoxelBatch.from_voxels(voxels, "cpu"), len(pts)
 
 
 def timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call; CPU time is what a shared,
-    oversubscribed machine cannot inflate by descheduling us."""
-    w0, c0 = time.perf_counter(), time.process_time()
+    """(process CPU seconds, wall seconds) of one call."""
+    c0, w0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    return time.process_time() - c0, time.perf_counter() - w0
 
 
-def gemm_flops(device: torch.device, n: int = 2048, repeats: int = 3) -> tuple[float, float]:
-    """Best dense fp32 matmul FLOP/s (per wall second, per CPU second) over n×n×n products."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-
-    def mm() -> None:
-        a @ b
-        sync(device)
-
-    mm()
-    runs = [timed(mm) for _ in range(repeats)]
-    return 2.0 * n ** 3 / min(r[0] for r in runs), 2.0 * n ** 3 / max(min(r[1] for r in runs), 1e-9)
-
-
-class FlopCounter:
-    """Forward hooks adding pairs × Cin × Cout × 2 for every conv / linear that runs."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.flops = 0
-        self.handles = []
-        for m in model.modules():
-            if isinstance(m, Conv3d):
-                self.handles.append(m.register_forward_hook(self._conv))
-            elif isinstance(m, torch.nn.Linear):
-                self.handles.append(m.register_forward_hook(self._linear))
-
-    def _conv(self, m: Conv3d, inputs, out) -> None:
-        x = inputs[0]
-        if m.kernel_size == 1 and m.stride == 1:
-            pairs = x.feats.shape[0]
-        else:
-            key = ((x.stride // m.stride) if m.transposed else x.stride, m.kernel_size, m.stride, m.dilation)
-            kmap = x.cache.kmaps.get(key)
-            pairs = kmap.num_pairs if kmap is not None else 0
-        self.flops += 2 * pairs * m.in_channels * m.out_channels
-
-    def _linear(self, m: torch.nn.Linear, inputs, out) -> None:
-        self.flops += 2 * inputs[0].shape[0] * m.in_features * m.out_features
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def run(backbone: str, batch: VoxelBatch, device: torch.device, repeats: int,
-        peak: tuple[float, float]) -> None:
+def compare(backbone: str, batch: VoxelBatch, stack, repeats: int) -> dict[str, float]:
+    """Check agreement, time the variants interleaved, print one block; returns the
+    median CPU ratios ours / spconv variant."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, in_channels=1)).to(device).eval()
-    net = model.backbone
-    counter = FlopCounter(net)
+    net = build_model(ModelConfig(backbone=backbone, in_channels=1)).backbone.eval()
+    variants = {"ours": lambda: net(batch)}
+    if stack is not None:
+        stack.randomize_norms(net)
+        for name, fold in (("spconv", False), ("spconv-folded", True)):
+            twin = stack.build_spconv_minkunet(net, fold)
+            variants[name] = (lambda t: lambda: t(batch.features, batch.coords, batch.batch_size))(twin)
     with torch.inference_mode():
-        net(batch)                       # warm-up, and count FLOPs once
-        counter.remove()
-        flops = counter.flops
-        sync(device)
-        runs = [timed(lambda: (net(batch), sync(device))) for _ in range(repeats)]
-    wall_med = float(np.median([r[0] for r in runs]))
-    wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)     # best of N, like the GEMM peak
-    bound_wall, bound_cpu = flops / peak[0], flops / peak[1]
-    line = (f"  {backbone:12s} {batch.num_points / wall:9,.0f} pts/s  forward best {wall * 1e3:7.1f} ms"
-            f" (median {wall_med * 1e3:7.1f})  useful {flops / 1e9:6.2f} GFLOP"
-            f"  GEMM-bound {bound_wall * 1e3:6.1f} ms  ratio {wall / bound_wall:5.2f}")
-    if device.type == "cpu":
-        line += f"  | CPU time {cpu * 1e3:7.1f} ms, ratio {cpu / bound_cpu:5.2f}"
-    print(line + f"  ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M params)")
+        outs = {k: fn() for k, fn in variants.items()}          # warm-up, and the check
+        ref = outs["ours"]
+        for k, out in outs.items():
+            if k == "ours":
+                continue
+            diff = float((out - ref).abs().max())
+            rel = diff / max(float(ref.abs().max()), 1e-12)
+            print(f"  {backbone:12s} {k:14s} vs ours: max |diff| {diff:.2e} (relative {rel:.1e}) "
+                  f"on {ref.shape[0]:,} voxels × {ref.shape[1]} channels")
+            if not rel <= TOLERANCE:
+                raise SystemExit(f"{k} disagrees with ours on {backbone}: kernel layout or offsets differ")
+        del outs, ref
+        names = list(variants)
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]    # rotate: no fixed slot
+            for k in order:
+                runs[k].append(timed(variants[k]))
+    cpu = {k: statistics.median(c for c, _ in v) for k, v in runs.items()}
+    wall = {k: statistics.median(w for _, w in v) for k, v in runs.items()}
+    ratios: dict[str, float] = {}
+    for k in names:
+        line = f"  {backbone:12s} {k:14s} cpu {cpu[k] * 1e3:8.1f} ms  wall {wall[k] * 1e3:8.1f} ms"
+        if k != "ours":
+            per_rep = [o[0] / s[0] for o, s in zip(runs["ours"], runs[k])]
+            ratios[k] = statistics.median(per_rep)
+            best_of = min(c for c, _ in runs["ours"]) / min(c for c, _ in runs[k])
+            line += (f"  ours/{k}: cpu {ratios[k]:.2f}× (reps {min(per_rep):.2f}–{max(per_rep):.2f},"
+                     f" best-of {best_of:.2f}×), wall {wall['ours'] / wall[k]:.2f}×")
+        print(line, flush=True)
+    if ratios:
+        best = min((k for k in names if k != "ours"), key=lambda k: cpu[k])
+        print(f"  {backbone:12s} vs best spconv ({best}): ours/spconv cpu {ratios[best]:.2f}× "
+              f"(target ≤ 0.90×: {'met' if ratios[best] <= 0.9 else 'not met'})", flush=True)
+    return ratios
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--repeats", type=int, default=5)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant (default 5)")
+    ap.add_argument("--quick", action="store_true", help="nuScenes only (unless --scans)")
+    ap.add_argument("--scans", nargs="+", choices=list(SCANS), default=None)
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     ap.add_argument("--voxel-size", type=float, default=0.1)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    pts = np.fromfile(SCAN, dtype=np.float32).reshape(-1, 5)
-    scan = Scan(pts, ("x", "y", "z", "intensity", "ring"))
-    voxels = voxelize([scan], VoxelConfig(voxel_size=args.voxel_size, features=("intensity",)))
-    print(f"scan: {SCAN.name}: {len(scan)} points → {len(voxels.coords)} voxels at {args.voxel_size} m")
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-          f"torchsparse {'available' if torchsparse_available() else 'not installed'}")
-
-    targets: list[tuple[str, torch.device]] = [("torch", torch.device("cpu"))]
-    if torch.cuda.is_available():
-        targets.append(("torch", torch.device("cuda")))
-        if torchsparse_available():
-            targets.append(("torchsparse", torch.device("cuda")))
-    for name, device in targets:
-        os.environ["CLIP2SCENE_SPARSE_BACKEND"] = name
-        peak = gemm_flops(device)
-        print(f"\nbackend {backend_name(device)} on {device}: dense fp32 matmul {peak[0] / 1e9:.1f} GFLOP/s "
-              f"per wall second" + (f", {peak[1] / 1e9:.1f} per CPU second" if device.type == "cpu" else ""))
-        batch = VoxelBatch.from_voxels(voxels, device)
+    args = ap.parse_args(argv)
+    repeats = args.repeats or 5
+    scans = args.scans or (["nuScenes"] if args.quick else list(SCANS))
+    torch.set_num_threads(args.threads)
+    stack = load_stack()
+    peer = "spconv not installed (optional peer: pip install --no-deps --require-hashes -r requirements-bench.txt)"
+    if stack.spconv_available():
+        import spconv
+        peer = f"spconv {spconv.__version__} (CPU)"
+    else:
+        stack = None
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, {peer}; "
+          f"{repeats} interleaved repetitions; times are medians")
+    summary: list[tuple[str, str, dict[str, float]]] = []
+    for scan in scans:
+        batch, n_points = scan_batch(scan, args.voxel_size)
+        print(f"\n{scan}: {n_points:,} points → {batch.coords.shape[0]:,} voxels at {args.voxel_size} m")
         for bb in args.backbones:
-            run(bb, batch, device, args.repeats, peak)
+            summary.append((scan, bb, compare(bb, batch, stack, repeats)))
+    if stack is not None:
+        print("\nours / spconv CPU time (median of per-repetition ratios; target ≤ 0.90×)")
+        print(f"{'scan':<14} {'backbone':<12} {'vs spconv':>10} {'vs folded':>10}")
+        for scan, bb, r in summary:
+            print(f"{scan:<14} {bb:<12} {r['spconv']:9.2f}× {r['spconv-folded']:9.2f}×")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

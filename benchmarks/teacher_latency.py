@@ -1,33 +1,43 @@
-"""LiDAR-path latency with cameras and a CLIP teacher: asynchronous teacher vs inline.
+"""LiDAR-path latency with cameras and a CLIP teacher: fused predictions, async and inline teacher.
 
-Drives the node's `PipelineRunner` (callbacks → sync → step) on the real nuScenes sweep
-(34,688 points) with N cameras (the scene's CAM_FRONT JPEG and calibration under N names),
-a demo-with-CLIP sized network (MinkUNet14A ×0.5, 0.1 m voxels, D 512) and a CLIP teacher
-with random weights (open_clip's ViT-B-16 architecture by default; ``--teacher tiny`` for a
-tiny tower). Sweeps come at ``--rate`` Hz of wall time, each with its N images 35 ms older.
-Three runners, one after the other:
+Real inputs: the nuScenes scene-0061 sweep (34,688 points) as a PointCloud2, a demo-with-CLIP
+sized network (MinkUNet14A ×0.5, 0.1 m voxels, D 512) and a CLIP teacher with random weights
+(open_clip's ViT-B-16 architecture by default; ``--teacher tiny`` for a tiny tower).
 
-* ``lidar-only``: no cameras (the reference);
-* ``async``: cameras + teacher on its `TeacherWorker` thread (the node's default);
-* ``inline``: cameras + teacher run in the sweep (``teacher_async: false``).
+**Fusion** (default): the scene's six real camera images are predicted once (what the node's
+`TeacherWorker` does off the sweep's critical path, folding included), then, interleaved
+sweep by sweep in one process, `SegmentationPipeline.process` runs
 
-Per sweep it times `PipelineRunner.step` (what a sweep waits for between arriving and being
-published): the inference thread's **CPU time** (`time.thread_time`; stable on a shared
-machine) and wall time, medians, and prints their ratios to LiDAR-only. The async runner
-also reports how many sweeps fused a prediction (within ``teacher_max_age``) and the
-teacher's own time per image. Figures only; nothing asserted.
+* ``lidar-only``: no predictions (the reference);
+* ``reference``: the six predictions fused by sampling D features per point
+  (``SegmenterConfig.folded_fusion = False``);
+* ``folded``: the same predictions fused from their folded maps (`clip2scene_core.fusion`).
 
-    python benchmarks/teacher_latency.py [--cameras 6] [--sweeps 8] [--teacher vit-b-16|tiny]
+It prints the median **CPU time** (`time.thread_time`; stable on a shared machine) of a sweep,
+its ratio to LiDAR-only, the fusion step's ms per camera (``timings["cameras"]``), and how
+many labels the two fusions disagree on (0 expected).
+
+**Runners** (``--runners``): drives the node's `PipelineRunner` (callbacks → sync → step) with
+N cameras (the scene's CAM_FRONT JPEG and calibration under N names), sweeps at ``--rate`` Hz
+of wall time, each with its N images 35 ms older; three runners one after the other:
+``lidar-only``, ``async`` (teacher on its `TeacherWorker` thread, the node's default) and
+``inline`` (``teacher_async: false``); medians of `PipelineRunner.step`'s CPU and wall time.
+
+Figures only; nothing asserted.
+
+    python benchmarks/teacher_latency.py [--sweeps 8] [--teacher vit-b-16|tiny] [--runners]
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import pickle
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +51,10 @@ from clip2scene_core.threads import set_cpu_threads
 from clip2scene_core.voxelize import VoxelConfig
 from clip2scene_ros.msgs import MessageFactory
 from clip2scene_ros.pipeline import PipelineConfig, SegmentationPipeline
+from clip2scene_ros.pipeline import TeacherPrediction
 from clip2scene_ros.runner import PipelineRunner
 from clip2scene_ros.sync import SyncConfig
+from clip2scene_ros.tf import TfResolver, TransformBuffer, matrix_to_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +72,7 @@ def _test_helpers():
 _helpers = _test_helpers()
 TEXT_CFG, load_nuscenes, make_camera, make_cloud, make_lookup = (
     _helpers.TEXT_CFG, _helpers.load_nuscenes, _helpers.make_camera, _helpers.make_cloud, _helpers.make_lookup)
+SCENE = ROOT / "test" / "data" / _helpers.NUSC
 
 MS = 1_000_000
 RANGE = (-60.0, -60.0, -5.0, 60.0, 60.0, 5.0)
@@ -125,6 +138,67 @@ def run(mode: str, seg: Segmenter, nusc, factory, n_cams: int, sweeps: int, rate
             "predictions": diag.get("teacher.predictions")}
 
 
+def six_cameras() -> list:
+    """The scene's six camera images and their LiDAR→camera calibrations (mmdet3d info file)."""
+    import cv2
+
+    from clip2scene_core.types import Calibration, CameraFrame, CameraModel
+
+    images = pickle.loads(next(SCENE.glob("*.pkl")).read_bytes())["data_list"][0]["images"]
+    frames = []
+    for name, cam in images.items():
+        path = next(SCENE.glob(f"*__{name}__*.jpg"))
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        model = CameraModel(rgb.shape[1], rgb.shape[0], np.asarray(cam["cam2img"])[:3, :3])
+        frames.append(CameraFrame(name, rgb, Calibration(model, np.asarray(cam["lidar2cam"])),
+                                  _helpers.FRONT_STAMP))
+    return frames
+
+
+def run_fusion(seg: Segmenter, nusc, factory, sweeps: int) -> None:
+    """Interleaved lidar-only / reference / folded sweeps through `SegmentationPipeline`."""
+    frames = six_cameras()
+    buf = TransformBuffer()
+    for f in frames:
+        buf.add(matrix_to_transform(f.calibration.lidar_to_camera, factory, f.name, "LIDAR_TOP",
+                                    _helpers.LIDAR_STAMP), static=True)
+    lookup = TfResolver(buf, "auto")
+    pipe = SegmentationPipeline(seg, PipelineConfig(publish_overlays=False), factory, lookup)
+    t0 = time.thread_time()
+    preds = [TeacherPrediction(seg.predict_camera(f), f.name) for f in frames]
+    teacher_s = (time.thread_time() - t0) / len(frames)
+    cloud = make_cloud(nusc.points, factory, _helpers.LIDAR_STAMP)
+    variants = {"lidar-only": (True, None), "reference": (False, preds), "folded": (True, preds)}
+    cpu = {k: [] for k in variants}
+    cams = {k: [] for k in variants}
+    labels: dict[str, np.ndarray] = {}
+    differ = 0
+    for i in range(sweeps + 1):                  # one warm-up round
+        for name, (folded, given) in variants.items():
+            seg.config.folded_fusion = folded
+            c0 = time.thread_time()
+            out = pipe.process(cloud, tf_lookup=lookup, predictions=given)
+            c1 = time.thread_time()
+            assert out.status == "ok", out.error
+            labels[name] = out.labels
+            if i:
+                cpu[name].append(c1 - c0)
+                cams[name].append(out.timings.get("cameras", 0.0))
+        differ += int((labels["reference"] != labels["folded"]).sum())
+    seg.config.folded_fusion = True
+    changed = int((labels["folded"] != labels["lidar-only"]).sum())
+    ref = statistics.median(cpu["lidar-only"])
+    print(f"fused sweep through SegmentationPipeline.process, {len(frames)} real cameras, "
+          f"{sweeps} interleaved rounds (teacher {teacher_s:.2f} s CPU per image, off the path)")
+    print(f"{'variant':<11} {'sweep cpu ms':>13} {'vs lidar-only':>14} {'fusion ms/camera':>17}")
+    for name in variants:
+        med = statistics.median(cpu[name])
+        per_cam = statistics.median(cams[name]) * 1e3 / len(frames) if name != "lidar-only" else 0.0
+        print(f"{name:<11} {med * 1e3:13.1f} {med / ref:14.3f} {per_cam:17.2f}", flush=True)
+    print(f"labels that differ between reference and folded fusion: {differ} over {sweeps + 1} "
+          f"sweeps; labels the cameras change: {changed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cameras", type=int, default=6)
@@ -134,17 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--max-age", type=float, default=0.5, help="teacher_max_age (s)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runners", action="store_true",
+                    help="also the PipelineRunner comparison (lidar-only / async / inline)")
     args = ap.parse_args(argv)
     set_cpu_threads(args.threads)
     factory = MessageFactory.from_rosbags()
     nusc = load_nuscenes(ROOT / "test" / "data")
     teacher = teacher_of(args.teacher)
     seg_cam = segmenter(teacher, args.precision)
-    seg_lidar = segmenter(None, args.precision)
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_fast_bf16()}; "
-          f"teacher {args.teacher} at {args.precision}; {args.cameras} cameras 1600x900 JPEG; "
-          f"{len(nusc.points)} points; {args.sweeps} sweeps at {args.rate} Hz")
+          f"teacher {args.teacher} at {args.precision}; {len(nusc.points)} points")
+    run_fusion(seg_cam, nusc, factory, args.sweeps)
+    if not args.runners:
+        return 0
+    seg_lidar = segmenter(None, args.precision)
+    print(f"runners: {args.cameras} cameras 1600x900 JPEG; {args.sweeps} sweeps at {args.rate} Hz")
     res = {mode: run(mode, seg_lidar if mode == "lidar-only" else seg_cam, nusc, factory,
                      args.cameras, args.sweeps, args.rate, args.max_age)
            for mode in ("lidar-only", "async", "inline")}

@@ -33,6 +33,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 #: precisions of the CLIP teacher's image forward (``teacher_precision``)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# the sparse backbone's convolutions (`clip2scene_core.sparse.set_precision`): no fp16 on CPU
+SPARSE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,10 @@ runs the teacher on one image (the expensive part, vocabulary-independent), and
 ``segment(scan, predictions=...)`` fuses given predictions into a sweep's probabilities,
 each through its own calibration. ``segment(scan, cameras)`` does both inline. The ROS node
 runs the first on a worker of its own, off the sweep's critical path
-(`clip2scene_ros.runner.TeacherWorker`).
+(`clip2scene_ros.runner.TeacherWorker`). A prediction is folded into the vocabulary's text
+embeddings where it is made (`clip2scene_core.fusion`: exact, K numbers per point instead of
+D), so a sweep reads each seen point's probabilities at O(K); only points a camera sees get
+probabilities of their own, the others keep their voxel's.
 
 Open-vocabulary queries. `Segmenter.set_query` sets a free text whose embedding comes from
 the CLIP text encoder (prompt-ensembled like a vocabulary class) or from a saved embedding
@@ -43,6 +46,8 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .clip.preprocess import ImageGeometry
 from .device import autocast_for, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, EmptyPointCloudError
+from .fusion import (FoldedFeatures, FoldSlot, fold_features, folded_probabilities, fuse_into_rows,
+                     sampled_probabilities)
 from .geometry.projection import Projection
 from .types import Calibration, CameraFrame, Scan
 
@@ -62,12 +67,20 @@ class SegmenterConfig:
     folded_heads: bool = True
     camera_fusion: bool = True          # fuse teacher pixel predictions when cameras are given
     camera_weight: float = 0.5          # weight of the 2D probabilities for points seen by a camera
+    # read the teacher's probabilities at each point from its features folded into the text
+    # embeddings (exact, O(K) per point, `clip2scene_core.fusion`); False: sample the D-dim
+    # features per point, the reference path
+    folded_fusion: bool = True
     # metres in front of a camera to count as seen, when `segment` projects the points itself
     # (the ROS pipeline passes projections made with the node's own min_depth)
     min_depth: float = 0.5
     # precision of the teacher's image forward: auto (fp16 on CUDA, bf16 on a CPU with native
     # bf16 — AVX512-BF16 / AMX —, else fp32), fp32, bf16 or fp16 (CUDA only)
     teacher_precision: str = "auto"
+    # GEMM precision of the sparse backbone's convolutions at inference: auto (bf16 on a CPU
+    # with native bf16 — AVX512-BF16 / AMX —, else fp32), fp32 or bf16 (emulated, ~10× slower,
+    # on CPUs without it); `clip2scene_core.sparse.set_precision`
+    sparse_precision: str = "auto"
 
 
 @dataclass
@@ -85,6 +98,9 @@ class CameraPrediction:
     calibration: Calibration
     seconds: float = 0.0                # teacher time (preprocess + forward)
     precision: str = "fp32"             # what the forward ran at
+    # the features folded into a vocabulary's text embeddings (`Segmenter.fold_prediction`),
+    # shared by the copies `with_calibration` makes
+    fold: FoldSlot = field(default_factory=FoldSlot, repr=False, compare=False)
 
     def with_calibration(self, calibration: Calibration) -> "CameraPrediction":
         return dataclasses.replace(self, calibration=calibration)
@@ -125,6 +141,10 @@ class Segmenter:
         self.config = config or SegmenterConfig()
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
+        from .sparse import set_precision
+
+        # what the backbone's convolutions run at ("fp32" / "bf16"), resolved for this device
+        self.sparse_precision = set_precision(self.model, self.config.sparse_precision, self.device)
         self.model_config = model_config
         self.clip_model = clip_model
         self.teacher = teacher
@@ -385,7 +405,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_camera(self, frame: CameraFrame, precision: str | None = None) -> CameraPrediction:
-        """The teacher's dense features of ``frame`` (ConfigError without a teacher).
+        """The teacher's dense features of ``frame`` (ConfigError without a teacher), folded
+        into the vocabulary in effect when ``config.folded_fusion`` (`fold_prediction`).
 
         ``precision`` (default ``config.teacher_precision``): see `SegmenterConfig`; the
         features come back as float32 whatever the forward ran at.
@@ -400,44 +421,65 @@ class Segmenter:
         feats = dense[0].float()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return CameraPrediction(frame.name, int(frame.stamp_ns), feats, geo, frame.calibration,
+        pred = CameraPrediction(frame.name, int(frame.stamp_ns), feats, geo, frame.calibration,
                                 time.perf_counter() - t0, prec)
+        if self.config.camera_fusion and self.config.folded_fusion:
+            self.fold_prediction(pred)   # here, on the teacher's thread: sweeps only read it
+        return pred
 
-    def _fuse_cameras(self, probs: torch.Tensor, xyz: np.ndarray, cameras: Sequence[CameraFrame],
-                      emb: torch.Tensor, info: dict,
-                      predictions: Sequence[CameraPrediction] = (),
-                      projections: Sequence[Projection] | None = None) -> torch.Tensor:
-        """Average the pixel probabilities of every camera (frames: run the teacher now;
-        predictions: computed before) into the points seen by it. ``projections``: where the
-        points ``xyz`` land in each of them (None: projected here at ``config.min_depth``)."""
-        from .clip.preprocess import sample_grid
+    def fold_prediction(self, prediction: CameraPrediction,
+                        embeddings: torch.Tensor | None = None) -> FoldedFeatures:
+        """``prediction``'s features folded into ``embeddings`` (default: the vocabulary in
+        effect), kept on the prediction (`FoldSlot`) and re-folded only when the embeddings
+        change: what `clip2scene_core.fusion.folded_probabilities` reads."""
+        emb = self._vocab[1] if embeddings is None else embeddings
+        folded = prediction.fold.folded
+        if folded is None or not folded.matches(emb):
+            folded = fold_features(prediction.features, emb)
+            prediction.fold.folded = folded
+        return folded
+
+    def _camera_probabilities(self, pred: CameraPrediction, uv: np.ndarray, emb: torch.Tensor,
+                              device: torch.device) -> torch.Tensor:
+        """(n, K) teacher probabilities at pixels ``uv`` of one prediction: folded (exact,
+        `clip2scene_core.fusion`) or, with ``config.folded_fusion`` off, D features sampled
+        per point (the reference)."""
+        if self.config.folded_fusion:
+            return folded_probabilities(self.fold_prediction(pred, emb), uv, pred.geometry,
+                                        self.logit_scale, device)
+        return sampled_probabilities(pred.features, uv, pred.geometry, emb, self.logit_scale, device)
+
+    def _fuse_cameras(self, row_probs: torch.Tensor, point_rows: np.ndarray | None,
+                      xyz: np.ndarray, kept: np.ndarray, cameras: Sequence[CameraFrame],
+                      emb: torch.Tensor, info: dict, predictions: Sequence[CameraPrediction] = (),
+                      projections: Sequence[Projection] | None = None
+                      ) -> tuple[np.ndarray, torch.Tensor]:
+        """The kept points seen by any camera (frames: run the teacher now; predictions:
+        computed before) and their blended probabilities (`fusion.fuse_into_rows`); every
+        other point keeps its row. ``xyz``: all the scan's points, ``kept``: which were
+        voxelised; ``projections``: of all of them into each camera (None: projected here at
+        ``config.min_depth``)."""
         from .geometry import project_points
 
-        seen_sum = torch.zeros_like(probs)
-        seen_cnt = torch.zeros(probs.shape[0], device=probs.device)
+        # position among the kept points of each scan point (only read where kept)
+        kept_pos = np.cumsum(kept) - 1
+        seen: list[tuple[np.ndarray, torch.Tensor]] = []
         for i, item in enumerate([*cameras, *predictions]):
             proj = project_points(xyz, item.calibration, min_depth=self.config.min_depth) \
                 if projections is None else projections[i]
-            idx = np.flatnonzero(proj.valid)
+            idx = np.flatnonzero(proj.valid & kept)
             if idx.size == 0:   # checked first: an image nothing projects into costs no teacher
                 info["cameras_skipped"].append((item.name, "no point projects into the image"))
                 continue
             pred = self.predict_camera(item) if isinstance(item, CameraFrame) else item
-            geo = pred.geometry
-            idx = idx[geo.inside(proj.uv[idx])]  # the teacher may crop the image borders
-            # normalised once, here (sample_grid's own normalisation would be a second pass)
-            feats = sample_grid(pred.features, proj.uv[idx], geo, normalize=False).to(probs.device)
-            logits = self.logit_scale * F.normalize(feats.float(), dim=1) @ emb.t()
-            t_idx = torch.as_tensor(idx, device=probs.device)
-            seen_sum.index_add_(0, t_idx, logits.softmax(dim=1))
-            seen_cnt.index_add_(0, t_idx, torch.ones(idx.size, device=probs.device))
+            uv = proj.uv[idx]
+            inside = pred.geometry.inside(uv)  # the teacher may crop the image borders
+            idx, uv = idx[inside], uv[inside]
+            seen.append((kept_pos[idx], self._camera_probabilities(pred, uv, emb, row_probs.device)))
             info["cameras_used"].append(item.name)
-        seen = seen_cnt > 0
-        w = self.config.camera_weight
-        probs = probs.clone()
-        probs[seen] = (1 - w) * probs[seen] + w * seen_sum[seen] / seen_cnt[seen, None]
-        info["points_seen_by_cameras"] = int(seen.sum())
-        return probs
+        points, probs = fuse_into_rows(row_probs, point_rows, seen, self.config.camera_weight)
+        info["points_seen_by_cameras"] = int(points.size)
+        return points, probs
 
     @torch.inference_mode()
     def segment(self, scan: Scan, cameras: Sequence[CameraFrame] = (),
@@ -498,28 +540,27 @@ class Segmenter:
         fuse_frames = bool(cameras) and self.teacher is not None and self.config.camera_fusion
         predictions = list(predictions) if self.config.camera_fusion else []
         fuse = fuse_frames or bool(predictions)
-        if fuse and not point_rows:   # camera fusion works per point: only then expand
-            probs, point_rows = probs[batch.inverse], True
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["infer"] = time.perf_counter() - t0
         if cameras and not fuse_frames:
             reason = "no CLIP teacher loaded" if self.teacher is None else "camera fusion disabled"
             info["cameras_skipped"] = [(c.name, reason) for c in cameras]
-        if fuse:
-            t0 = time.perf_counter()
-            kept = voxels.point_mask
-            shared = None
-            if projections is not None:   # the rows of the kept points, of what is fused
-                fused = (projections[:len(cameras)] if fuse_frames else []) \
-                    + projections[len(cameras):][:len(predictions)]
-                shared = [p.select(kept) for p in fused]
-            probs = self._fuse_cameras(probs, scan.xyz[kept], cameras if fuse_frames else (),
-                                       emb, info, predictions, shared)
-            timings["cameras"] = time.perf_counter() - t0
         score, label = probs.max(dim=1)
         if not point_rows:            # one label per voxel, gathered to its points last
             score, label = score[batch.inverse], label[batch.inverse]
+        if fuse:   # only the points a camera sees get probabilities of their own
+            t0 = time.perf_counter()
+            points, fused = self._fuse_cameras(
+                probs, None if point_rows else voxels.inverse, scan.xyz, voxels.point_mask,
+                cameras if fuse_frames else (), emb, info, predictions,
+                None if projections is None
+                else (projections[:len(cameras)] if fuse_frames else [])
+                + projections[len(cameras):][:len(predictions)])
+            if points.size:
+                at = torch.from_numpy(points).to(label.device)
+                score[at], label[at] = fused.max(dim=1)
+            timings["cameras"] = time.perf_counter() - t0
         labels[voxels.point_mask] = label.cpu().numpy()
         scores[voxels.point_mask] = score.cpu().numpy()
         info["points_dropped"] = int(n - voxels.point_mask.sum())

@@ -18,6 +18,12 @@ Features (``VoxelConfig.features``), concatenated in the order given:
 
 Points whose xyz or used feature columns are NaN/inf, or that fall outside
 ``point_range`` (``min <= p < max``), are dropped and reported through ``point_mask``.
+
+Cost (it runs on every sweep): the range test compares float32 columns against float32
+bounds chosen to decide exactly as the float64 comparison; ``p / voxel_size`` is divided in
+float64 and rounded once to float32, as before, without an (N, 3) float64 copy; unique
+voxels come from one value sort of packed int64 keys (`_sorted_voxels`). The result is
+bitwise the plain float64 / ``np.unique`` computation's (test/test_fast_paths_io.py).
 """
 from __future__ import annotations
 
@@ -112,7 +118,7 @@ def _available(scan: Scan) -> list[str]:
     return list(scan.fields) + [f for f in SPECIAL_FEATURES if f != "rgb" or has_rgb]
 
 
-def _point_features(scan: Scan, names: Sequence[str], rel_xyz: np.ndarray) -> np.ndarray:
+def _point_features(scan: Scan, names: Sequence[str], rel_xyz: np.ndarray | None) -> np.ndarray:
     """(N, C) float64 per-point features in the configured order."""
     cols: list[np.ndarray] = []
     n = len(scan)
@@ -135,45 +141,109 @@ def _point_features(scan: Scan, names: Sequence[str], rel_xyz: np.ndarray) -> np
     return np.concatenate(cols, axis=1) if cols else np.zeros((n, 0))
 
 
+def _in_range(scan: Scan, cfg: VoxelConfig) -> np.ndarray:
+    """(N,) bool: finite x, y, z inside ``point_range`` (``min <= p < max``).
+
+    One float32 column at a time: ``x >= lo`` (lo a float64 bound) holds exactly when
+    ``x >= lo32``, lo32 the smallest float32 not below lo (likewise ``x < hi``), so the
+    float32 comparisons decide as the float64 ones would, without a float64 copy.
+    """
+    xyz = scan.xyz
+    keep = np.ones(len(scan), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for a in range(3):
+            col = xyz[:, a]
+            if cfg.point_range is None:
+                keep &= np.isfinite(col)
+                continue
+            lo, hi = _float32_ceil(cfg.point_range[a]), _float32_ceil(cfg.point_range[a + 3])
+            keep &= col >= lo
+            keep &= col < hi
+    return keep
+
+
+def _float32_ceil(value: float) -> np.float32:
+    """The smallest float32 >= ``value`` (a float64; beyond float32's range: ±inf's neighbour)."""
+    with np.errstate(over="ignore"):
+        f = np.float32(value)
+        return np.nextafter(f, np.float32(np.inf)) if float(f) < value else f
+
+
+def _sorted_voxels(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique voxel coordinates (M, 3) int64 in lexicographic x, y, z order, inverse (K,)).
+
+    What ``np.unique(rows, axis=0, return_inverse=True)`` gives, computed cheaply: each
+    axis is offset by its minimum and packed into its own bit field of one int64 key (x
+    highest, so key order is lexicographic order); when the point index fits in the free low
+    bits, one value sort of ``key << bits | index`` replaces the slower argsort.
+    """
+    k = len(grid)
+    if k == 0:
+        return np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
+    cols = [grid[:, a].astype(np.int64) for a in range(3)]   # per column: axis reductions
+    lo = [int(c.min()) for c in cols]                         # of (K, 3) arrays are slow
+    bits = [(int(c.max()) - m).bit_length() for c, m in zip(cols, lo)]
+    key = cols[0] - lo[0]
+    for a in (1, 2):
+        key <<= bits[a]
+        key |= cols[a] - lo[a]
+    ib = (k - 1).bit_length()
+    if sum(bits) + ib <= 63:
+        packed = key << ib
+        packed |= np.arange(k, dtype=np.int64)
+        packed.sort()
+        perm = packed & ((1 << ib) - 1)
+        packed >>= ib
+        first = np.empty(k, dtype=bool)
+        first[0] = True
+        np.not_equal(packed[1:], packed[:-1], out=first[1:])
+        inverse = np.empty(k, dtype=np.int64)
+        inverse[perm] = np.cumsum(first) - 1
+        ukeys = packed[first]
+    else:   # a huge index range: the general sort
+        ukeys, inverse = np.unique(key, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    coords = np.empty((len(ukeys), 3), np.int64)
+    coords[:, 2] = (ukeys & ((1 << bits[2]) - 1)) + lo[2]
+    coords[:, 1] = ((ukeys >> bits[2]) & ((1 << bits[1]) - 1)) + lo[1]
+    coords[:, 0] = (ukeys >> (bits[1] + bits[2])) + lo[0]
+    return coords, inverse
+
+
 def _voxelize_one(scan: Scan, cfg: VoxelConfig, b: int):
     vs = cfg.voxel_size_xyz
-    xyz = scan.xyz.astype(np.float64)
+    keep = _in_range(scan, cfg)
+    # np.compress: boolean row indexing of an (N, C) array is several times slower
+    sub = scan if keep.all() else Scan(np.compress(keep, scan.points, axis=0), scan.fields)
+    xyz = sub.xyz
+    pcoords = np.empty((len(sub), 4), np.float32)   # [b, float32 voxel-unit coordinates]
+    pcoords[:, 0] = b
     with np.errstate(invalid="ignore", over="ignore"):
-        pc_all = (xyz / vs).astype(np.float32)      # float32 voxel-unit coordinates
-        grid_all = np.floor(pc_all)
-        rel_all = xyz - (grid_all.astype(np.float64) + 0.5) * vs
-    feats_all = _point_features(scan, cfg.features, rel_all)   # raises on unknown names
-    keep = np.all(np.isfinite(xyz), axis=1) & np.all(np.isfinite(feats_all), axis=1)
-    if cfg.point_range is not None:
-        lo, hi = np.asarray(cfg.point_range[:3]), np.asarray(cfg.point_range[3:])
-        with np.errstate(invalid="ignore"):
-            keep &= np.all((xyz >= lo) & (xyz < hi), axis=1)
-    if keep.any() and np.abs(grid_all[keep]).max() >= _AXIS_LIMIT - 1:
+        for a in range(3):   # p / voxel_size in float64 (buffered, no float64 copy), rounded once
+            np.divide(xyz[:, a], vs[a], out=pcoords[:, a + 1], dtype=np.float64, casting="same_kind")
+        grid = np.floor(pcoords[:, 1:])
+        rel = None
+        if "xyz" in cfg.features:
+            rel = xyz.astype(np.float64) - (grid.astype(np.float64) + 0.5) * vs
+    feats = _point_features(sub, cfg.features, rel)   # raises on unknown names
+    ok = np.all(np.isfinite(feats), axis=1) if feats.shape[1] else np.ones(len(sub), bool)
+    if not ok.all():   # NaN / inf in a used feature column
+        keep[np.flatnonzero(keep)[~ok]] = False
+        pcoords, grid, feats, xyz = (np.compress(ok, x, axis=0) for x in (pcoords, grid, feats, xyz))
+    if len(grid) and max(-grid.min(), grid.max()) >= _AXIS_LIMIT - 1:
         raise InvalidPointCloudError(
             f"scan {b}: voxel coordinates exceed ±{_AXIS_LIMIT - 1} voxels (max |p| = "
-            f"{np.abs(xyz[keep]).max():.1f} m); set voxel.point_range to crop far points")
-    pc = pc_all[keep]
-    grid = grid_all[keep].astype(np.int64)
-    feats = feats_all[keep]
-    off = grid + _AXIS_LIMIT
-    keys = (off[:, 0] << (2 * _AXIS_BITS)) | (off[:, 1] << _AXIS_BITS) | off[:, 2]
-    ukeys, inverse = np.unique(keys, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    m = len(ukeys)
+            f"{np.abs(xyz).max():.1f} m); set voxel.point_range to crop far points")
+    ucoords, inverse = _sorted_voxels(grid)
+    m = len(ucoords)
     counts = np.maximum(np.bincount(inverse, minlength=m), 1).astype(np.float64)
-    vfeats = np.empty((m, feats.shape[1]), np.float64)
+    vfeats = np.empty((m, feats.shape[1]), np.float32)
     for c in range(feats.shape[1]):
         vfeats[:, c] = np.bincount(inverse, weights=feats[:, c], minlength=m) / counts
-    mask = (1 << _AXIS_BITS) - 1
     coords = np.empty((m, 4), np.int32)
     coords[:, 0] = b
-    coords[:, 1] = (ukeys >> (2 * _AXIS_BITS)) - _AXIS_LIMIT
-    coords[:, 2] = ((ukeys >> _AXIS_BITS) & mask) - _AXIS_LIMIT
-    coords[:, 3] = (ukeys & mask) - _AXIS_LIMIT
-    pcoords = np.empty((len(pc), 4), np.float32)
-    pcoords[:, 0] = b
-    pcoords[:, 1:] = pc
-    return coords, vfeats.astype(np.float32), inverse.astype(np.int64), keep, pcoords, feats.astype(np.float32)
+    coords[:, 1:] = ucoords
+    return coords, vfeats, inverse, keep, pcoords, feats.astype(np.float32)
 
 
 def voxelize(scans: Sequence[Scan] | Scan, cfg: VoxelConfig) -> Voxels:
@@ -198,6 +268,8 @@ def voxelize(scans: Sequence[Scan] | Scan, cfg: VoxelConfig) -> Voxels:
             raise EmptyPointCloudError(
                 f"scan {b}: no valid point left out of {n} (non-finite or outside point_range "
                 f"{cfg.point_range})")
+    if len(parts) == 1:   # one scan (the node): nothing to concatenate or offset
+        return Voxels(*parts[0])
     offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
     return Voxels(
         coords=np.concatenate([p[0] for p in parts]),

@@ -6,7 +6,10 @@ in the replay tool / tests where only ``rosbags`` is installed (its typestore cl
 dataclasses that need every field). ``MessageFactory`` hides that difference: ask it for a
 class by short name (``factory.PointCloud2``) and build instances with ``factory.new(...)``,
 which fills every field you leave out with its ROS default. Reading code never needs the
-factory: it duck-types on attribute names, so it accepts either kind of message.
+factory: it duck-types on attribute names, so it accepts either kind of message. Large
+``uint8[]`` payloads (a labelled cloud's data) are written once into the backend's own
+container (`MessageFactory.uint8_buffer`) and attached with `MessageFactory.set_uint8`,
+never copied on the way into the message.
 """
 from __future__ import annotations
 
@@ -143,6 +146,34 @@ class MessageFactory:
         """A ``uint8[]`` field value this backend accepts (numpy for rosbags, array for rclpy)."""
         return uint8_data(raw, self.backend)
 
+    def uint8_buffer(self, nbytes: int) -> tuple[Any, np.ndarray]:
+        """(a zeroed ``uint8[]`` field value of ``nbytes`` for this backend, a writable numpy
+        view of the same memory): what is written through the view is the message's data, so
+        a cloud is filled once and never copied (`set_uint8` hands it over)."""
+        if self.backend == "rclpy":
+            # rclpy keeps an array.array('B'); repeating one zero byte is a memset
+            value = array.array("B", b"\0") * int(nbytes)
+            return value, np.frombuffer(value, dtype=np.uint8) if nbytes else np.zeros(0, np.uint8)
+        value = np.zeros(int(nbytes), dtype=np.uint8)
+        return value, value
+
+    def set_uint8(self, msg: Any, name: str, value: Any) -> Any:
+        """``msg.<name> = value`` for a value from `uint8_buffer`, without a copy; returns msg.
+
+        rclpy's generated setters (Jazzy on) copy an ``array.array`` unless the message checks
+        its fields, and the constructor copies its ``data`` argument: a 20 MB sweep would be
+        copied twice. The checked setter keeps the array as is; that is what is done here,
+        through the setter when it keeps it, else through the slot it stores it in.
+        """
+        slot = "_" + name
+        if (self.backend == "rclpy" and isinstance(value, array.array) and value.typecode == "B"
+                and getattr(msg, "_check_fields", True) is False
+                and slot in getattr(type(msg), "__slots__", ())):
+            setattr(msg, slot, value)
+        else:
+            setattr(msg, name, value)
+        return msg
+
     def float64_array(self, values: Any) -> Any:
         """A ``float64[]``/``float64[n]`` field value: numpy for rosbags, list for rclpy."""
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -175,7 +206,7 @@ def uint8_data(raw: bytes | bytearray | memoryview | np.ndarray, backend: str = 
     if backend == "rosbags":
         return np.array(buf, dtype=np.uint8, copy=True)
     out = array.array("B")
-    out.frombytes(buf.tobytes())
+    out.frombytes(buf)   # one copy (frombytes reads any contiguous buffer)
     return out
 
 

@@ -166,7 +166,8 @@ class SegmenterMixin:
         cfg = self.cfg
         self.factory = MessageFactory.from_rclpy()
         self.segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
-                                        cfg.cpu_threads, cfg.teacher_precision)
+                                        cfg.cpu_threads, cfg.teacher_precision,
+                                        cfg.sparse_precision)
         self.pipeline = build_pipeline(cfg, self.segmenter, self.factory)
         self.tf_resolver = TfResolver(self._tf_backend(), cfg.fixed_frame,
                                       on_fallback=self._on_tf_fallback)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clip2scene_core.config import check_scalar, load_yaml
-from clip2scene_core.device import PRECISIONS
+from clip2scene_core.device import PRECISIONS, SPARSE_PRECISIONS
 from clip2scene_core.errors import ConfigError
 
 from .sync import SyncConfig
@@ -97,6 +97,9 @@ class NodeConfig:
     teacher_precision: str = _p("auto", "the teacher's image forward: auto (fp16 on CUDA, bf16 on "
                                         "a CPU with native bf16 (AVX512-BF16 / AMX), else fp32), "
                                         "fp32, bf16 or fp16 (CUDA only)", choices=PRECISIONS)
+    sparse_precision: str = _p("auto", "the sparse backbone's convolutions: auto (bf16 on a CPU "
+                                       "with native bf16 (AVX512-BF16 / AMX), else fp32), fp32 "
+                                       "or bf16", choices=SPARSE_PRECISIONS)
     lidar_topic: str = _p("/points", "input sensor_msgs/PointCloud2 topic")
     cameras: list[str] = _p([], "camera names; each reads camera.<name>.image_topic/info_topic/"
                                 "transport/optical_frame")

@@ -51,12 +51,25 @@ def encode_labels(labels: np.ndarray, palette: np.ndarray | None = None) -> np.n
     if labels.size and (labels.min() < -1 or labels.max() >= UNLABELED):
         raise InvalidPointCloudError(
             f"labels must be in [-1, {UNLABELED - 1}], got [{labels.min()}, {labels.max()}]")
-    return np.where(labels < 0, UNLABELED, labels).astype(np.uint32)
+    # -1 wraps to 0xFFFFFFFF and the minimum makes it UNLABELED; valid labels stay below it
+    out = labels.astype(np.uint32)
+    return np.minimum(out, np.uint32(UNLABELED), out=out)
 
 
 def encode_rgb(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Labels → the class colours packed as float32 0x00RRGGBB (PCL / RViz ``rgb``)."""
-    return _palette.pack_rgb(_palette.colorize(labels, palette=palette))
+    """Labels → the class colours packed as float32 0x00RRGGBB (PCL / RViz ``rgb``).
+
+    The values of ``pack_rgb(colorize(labels, palette=palette))`` (labels < 0 or >= K get
+    the unlabelled colour), looked up in a packed (K + 2,) table instead: one gather rather
+    than an (N, 3) colour array packed again. Index ``label + 1`` clipped to the table: both
+    ends hold the unlabelled colour.
+    """
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    none = np.asarray(_palette.UNLABELED_COLOR, dtype=np.uint8).reshape(1, 3)
+    table = _palette.pack_rgb(np.concatenate([none, pal, none])).view(np.uint32)
+    idx = np.asarray(labels).reshape(-1).astype(np.int64)
+    idx += 1
+    return np.take(table, idx, mode="clip").view(np.float32)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from clip2scene_core.errors import CalibrationError, Clip2SceneError, ConfigError, TransformError
-from clip2scene_core.geometry import Projection, project_points
+from clip2scene_core.geometry import Projection, project_points, project_to_cameras
 from clip2scene_core.palette import colorize, palette_for
 from clip2scene_core.render import draw_points
 from clip2scene_core.types import Calibration, CameraFrame
@@ -198,14 +198,16 @@ def _needed_fields(segmenter: Any, extra: Sequence[str]) -> tuple[str, ...]:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = "",
-                   cpu_threads: int = 0, teacher_precision: str = "auto") -> Any:
+                   cpu_threads: int = 0, teacher_precision: str = "auto",
+                   sparse_precision: str = "auto") -> Any:
     """`Segmenter` from a checkpoint, with the CLIP teacher when `clip_weights` is given.
 
     Without a teacher the vocabulary is the checkpoint's and cameras only feed overlays; with
     one, `class_names` can change at run time and camera pixels are fused into the labels.
     Sets torch's CPU thread count first (`cpu_threads`; 0: one on machines with two cores
     or fewer, see `clip2scene_core.threads`). ``teacher_precision``: the teacher's image
-    forward (`clip2scene_core.segmenter.SegmenterConfig`).
+    forward, ``sparse_precision``: the backbone's convolutions
+    (`clip2scene_core.segmenter.SegmenterConfig`).
     """
     from clip2scene_core.threads import set_cpu_threads
     from clip2scene_core.segmenter import Segmenter, SegmenterConfig
@@ -213,7 +215,8 @@ def load_segmenter(checkpoint: str, device: str = "auto", clip_weights: str = ""
     set_cpu_threads(cpu_threads)
 
     segmenter = Segmenter.load(checkpoint, device=device,
-                               config=SegmenterConfig(teacher_precision=teacher_precision))
+                               config=SegmenterConfig(teacher_precision=teacher_precision,
+                                                      sparse_precision=sparse_precision))
     if clip_weights:
         from clip2scene_core.clip.teacher import ClipTeacher
 
@@ -231,7 +234,8 @@ def build_pipeline(cfg: Any, segmenter: Any = None, msg_factory: MessageFactory 
     if segmenter is None:
         segmenter = load_segmenter(cfg.require_checkpoint(), cfg.device, cfg.clip_weights,
                                    getattr(cfg, "cpu_threads", 0),
-                                   getattr(cfg, "teacher_precision", "auto"))
+                                   getattr(cfg, "teacher_precision", "auto"),
+                                   getattr(cfg, "sparse_precision", "auto"))
     pipeline = SegmentationPipeline(segmenter, PipelineConfig.from_node_config(cfg), msg_factory,
                                     tf_lookup)
     if cfg.class_names:
@@ -530,9 +534,8 @@ class SegmentationPipeline:
                     result = self.segmenter.segment(scan, frames, projections=projs)
                 else:
                     preds = [p for p, _ in fused]
-                    result = self.segmenter.segment(scan, (), preds, projections=[
-                        project_points(scan.xyz, p.calibration, min_depth=self.config.min_depth)
-                        for p in preds])
+                    result = self.segmenter.segment(scan, (), preds, projections=project_to_cameras(
+                        scan.xyz, [p.calibration for p in preds], self.config.min_depth))
                 labels, scores = result.labels, result.scores
                 sources = result_sources(result, self.schema)
             except Exception as exc:  # noqa: BLE001 - a model failure drops this frame, not the node
@@ -562,7 +565,8 @@ class SegmentationPipeline:
         else:
             columns = output_columns(sources, pal, len(scan), self.schema)
             # the input's own intensity values and datatype (the Scan holds float32 copies)
-            intensity = kept_field_values(cloud_msg, stats, "intensity") if scan.has("intensity") else None
+            intensity = kept_field_values(cloud_msg, stats, "intensity", scan) \
+                if scan.has("intensity") else None
             out.cloud = output_cloud(cloud_msg.header, scan.xyz, columns, intensity=intensity,
                                      msg_factory=self.factory)
             if chosen is not None:

@@ -413,23 +413,20 @@ def create_cloud(header: Any, fields: Sequence[Any], points: Any, *,
         height, width = shape
     else:
         raise InvalidPointCloudError(f"points must be 1-D or organised 2-D, got shape {shape}")
-    buf = np.zeros((height, width), dtype=dt)
     for n in names:
         values = np.asarray(src[n]).reshape(height, width)
         _check_fits(n, values, dt.fields[n][0])
-        buf[n] = values
+    data, buf = _new_buffer(dt, height, width, factory)
+    for n in names:
+        buf[n] = np.asarray(src[n]).reshape(height, width)
     if is_dense is None:
-        floats = [n for n in names if dt.fields[n][0].kind == "f"]
-        is_dense = all(bool(np.all(np.isfinite(buf[n]))) for n in floats)
+        is_dense = all(_all_finite(buf[n]) for n in names if dt.fields[n][0].kind == "f")
     if header is None:
         header = make_header(0, "", factory)
     out_fields = [make_point_field(*_field_tuple(f, i), msg_factory=factory)
                   for i, f in enumerate(fields)]
-    return factory.new(
-        "PointCloud2", header=header, height=int(height), width=int(width), fields=out_fields,
-        is_bigendian=bool(is_bigendian), point_step=int(dt.itemsize),
-        row_step=int(dt.itemsize * width), data=factory.uint8_data(buf.reshape(-1).view(np.uint8)),
-        is_dense=bool(is_dense))
+    return _cloud_message(header, out_fields, data, buf, bool(is_dense), factory,
+                          is_bigendian=bool(is_bigendian))
 
 
 def create_cloud_xyz32(header: Any, points: np.ndarray,
@@ -495,34 +492,52 @@ def cloud_to_scan(msg: Any, fields: Sequence[str] = ("intensity",),
             dtypes[name] = flat.dtype.fields[src][0].newbyteorder("=")
             with np.errstate(over="ignore", invalid="ignore"):
                 cols[:, 3 + j] = flat[src]
-    kept = np.all(np.isfinite(cols[:, :3]), axis=1)
-    pts = cols[kept]
-    bad = ~np.isfinite(pts[:, 3:])
-    n_feat_bad = int(bad.sum())
-    if n_feat_bad:
-        pts[:, 3:][bad] = 0.0
+    # column by column: reductions along a short axis and boolean row indexing of (N, C)
+    # arrays are several times slower in numpy; a sweep with no NaN is not copied again
+    kept = np.isfinite(cols[:, 0])
+    kept &= np.isfinite(cols[:, 1])
+    kept &= np.isfinite(cols[:, 2])
+    n_kept = int(np.count_nonzero(kept))
+    pts = cols if n_kept == n else np.compress(kept, cols, axis=0)
+    n_feat_bad = 0
+    for j in range(3, pts.shape[1]):
+        col = pts[:, j]
+        if not _all_finite(col):
+            bad = ~np.isfinite(col)
+            n_feat_bad += int(np.count_nonzero(bad))
+            col[bad] = 0.0
     try:
         frame_id, stamp_ns = str(msg.header.frame_id), header_stamp_ns(msg)
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidPointCloudError(f"cloud has no usable header: {exc}") from None
     scan = Scan(pts, ("x", "y", "z", *extras), frame_id=frame_id, stamp_ns=stamp_ns)
-    stats = CloudStats(n_points=n, n_kept=int(kept.sum()), n_nonfinite=int(n - kept.sum()),
+    stats = CloudStats(n_points=n, n_kept=n_kept, n_nonfinite=n - n_kept,
                        n_feature_nonfinite=n_feat_bad, missing_fields=tuple(missing),
                        field_sources=sources, organized=int(msg.height) > 1, kept=kept,
                        field_dtypes=dtypes)
     return scan, stats
 
 
-def kept_field_values(msg: Any, stats: CloudStats, name: str) -> np.ndarray | None:
+def kept_field_values(msg: Any, stats: CloudStats, name: str,
+                      scan: Scan | None = None) -> np.ndarray | None:
     """Values of the message field behind the Scan column ``name``, in the message's datatype.
 
     One value per point ``cloud_to_scan`` kept (``stats.kept``), native byte order; non-finite
     floats are 0 as in the Scan. None when the cloud lacks the field (``stats.missing_fields``).
     Used to write e.g. a uint8 intensity back as uint8 (the Scan holds float32).
+
+    ``scan``: the Scan ``cloud_to_scan`` returned with ``stats``; when the field is FLOAT32 its
+    column already holds exactly these values and is returned (a read-only view) instead of
+    reading the message again.
     """
     src = stats.field_sources.get(name)
     if src is None:
         return None
+    if scan is not None and stats.field_dtypes.get(name) == np.float32 and scan.has(name) \
+            and len(scan) == stats.n_kept:
+        values = scan.column(name).view()
+        values.flags.writeable = False
+        return values
     values = read_points(msg, [src])[src].reshape(-1)
     if values.size != stats.kept.size:
         raise InvalidPointCloudError(
@@ -621,23 +636,38 @@ def _intensity_code(values: np.ndarray, datatype: int | None) -> int:
         if values.dtype.kind in "iuf" else FLOAT32
 
 
-def _new_cloud(fields: list[Any], step: int, height: int, width: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(the message's zeroed ``data`` bytes, a (height, width) structured view of them): values
-    are written once, straight into the buffer the message keeps."""
-    dt = dtype_from_fields(fields, step)
-    raw = np.zeros(height * width * dt.itemsize, dtype=np.uint8)
-    return raw, raw.view(dt).reshape(height, width)
+def _new_buffer(dt: np.dtype, height: int, width: int, factory: MessageFactory
+                ) -> tuple[Any, np.ndarray]:
+    """(the message's zeroed ``data`` in the factory's own container, a (height, width)
+    structured view of it): values are written once, straight into the bytes the message
+    keeps (`MessageFactory.uint8_buffer`)."""
+    data, raw = factory.uint8_buffer(height * width * dt.itemsize)
+    return data, raw.view(dt).reshape(height, width)
 
 
-def _cloud_message(header: Any, fields: list[Any], raw: np.ndarray, buf: np.ndarray,
-                   is_dense: bool, factory: MessageFactory) -> Any:
+def _new_cloud(fields: list[Any], step: int, height: int, width: int, factory: MessageFactory
+               ) -> tuple[Any, np.ndarray]:
+    """`_new_buffer` for the little-endian layout ``fields`` describe."""
+    return _new_buffer(dtype_from_fields(fields, step), height, width, factory)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """No NaN / inf in ``values``: min and max propagate NaN and show ±inf, in two passes
+    without the (N,) bool temporaries of ``isfinite(...).all()``."""
+    if values.size == 0:
+        return True
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
+def _cloud_message(header: Any, fields: list[Any], data: Any, buf: np.ndarray,
+                   is_dense: bool, factory: MessageFactory, *, is_bigendian: bool = False) -> Any:
+    """The PointCloud2 around ``data`` (from `_new_buffer`), handed over without a copy."""
     height, width = buf.shape
-    return factory.new(
+    msg = factory.new(
         "PointCloud2", header=header, height=int(height), width=int(width), fields=fields,
-        is_bigendian=False, point_step=int(buf.dtype.itemsize),
-        row_step=int(buf.dtype.itemsize * width), data=factory.uint8_data(raw),
-        is_dense=bool(is_dense))
+        is_bigendian=bool(is_bigendian), point_step=int(buf.dtype.itemsize),
+        row_step=int(buf.dtype.itemsize * width), is_dense=bool(is_dense))
+    return factory.set_uint8(msg, "data", data)
 
 
 def output_cloud(header: Any, xyz: np.ndarray, columns: Sequence[Column],
@@ -666,15 +696,18 @@ def output_cloud(header: Any, xyz: np.ndarray, columns: Sequence[Column],
         cols.append(("intensity", _intensity_code(intensity, intensity_datatype), intensity))
     cols += _checked_columns(columns, n)
     fields, step = _append_fields(cols, 0, factory)
-    raw, buf = _new_cloud(fields, step, 1, n)
+    data, buf = _new_cloud(fields, step, 1, n, factory)
     points = buf[0]
+    is_dense = True
     for name, _, values in cols:
         points[name] = values
-    is_dense = all(bool(np.all(np.isfinite(points[c]))) for c in points.dtype.names
-                   if points.dtype.fields[c][0].kind == "f")
+        if points.dtype.fields[name][0].kind == "f":
+            # the source when it was written unchanged (often contiguous), else what was written
+            same = values.dtype == points.dtype.fields[name][0]
+            is_dense = is_dense and _all_finite(values if same else points[name])
     if header is None:
         header = make_header(0, "", factory)
-    return _cloud_message(header, fields, raw, buf, is_dense, factory)
+    return _cloud_message(header, fields, data, buf, is_dense, factory)
 
 
 def labeled_cloud(header: Any, xyz: np.ndarray, labels: np.ndarray, scores: np.ndarray,
@@ -728,21 +761,21 @@ def output_cloud_like(cloud: Any, columns: Sequence[Column], *, select: np.ndarr
         select = np.asarray(select)
         if select.shape != (n,) or select.dtype != bool:
             raise InvalidPointCloudError(f"select must be ({n},) bool, got {select.shape} {select.dtype}")
-        raw, buf = _new_cloud(fields, step, 1, int(np.count_nonzero(select)))
+        data, buf = _new_cloud(fields, step, 1, int(np.count_nonzero(select)), factory)
         points = buf[0]
         for nm in in_names:
             points[nm] = view[nm].reshape(-1)[select]
         for name, _, values in cols:
             points[name] = values[select]
     else:
-        raw, buf = _new_cloud(fields, step, *view.shape)
+        data, buf = _new_cloud(fields, step, *view.shape, factory)
         points = buf
         for nm in in_names:
             points[nm] = view[nm]
         for name, _, values in cols:
             points[name] = values.reshape(view.shape)
-    is_dense = all(bool(np.all(np.isfinite(points[c]))) for c in "xyz")
-    return _cloud_message(cloud.header, fields, raw, buf, is_dense, factory)
+    is_dense = all(_all_finite(points[c]) for c in "xyz")
+    return _cloud_message(cloud.header, fields, data, buf, is_dense, factory)
 
 
 def labeled_cloud_like(cloud: Any, labels: np.ndarray, scores: np.ndarray,

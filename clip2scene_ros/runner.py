@@ -36,9 +36,11 @@ class TeacherWorker:
 
     `submit` (any thread, cheap) puts an image into its camera's size-1 slot, replacing one
     the worker has not started yet; the worker takes the camera that has waited longest,
-    decodes the image, runs `Segmenter.predict_camera` and keeps the latest prediction per
-    camera (`latest`). The thread starts with the first image; `close` stops it (a prediction
-    in progress finishes first), `reopen` allows a new start with no old predictions.
+    decodes the image, runs `Segmenter.predict_camera` (which also folds the features into
+    the vocabulary in effect, `clip2scene_core.fusion`, so a sweep reads K numbers per seen
+    point instead of D) and keeps the latest prediction per camera (`latest`). The thread
+    starts with the first image; `close` stops it (a prediction in progress finishes first),
+    `reopen` allows a new start with no old predictions.
     """
 
     def __init__(self, pipeline: SegmentationPipeline, precision: str | None = None,

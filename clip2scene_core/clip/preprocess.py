@@ -81,6 +81,12 @@ class ImageGeometry:
         return (np.isfinite(xy).all(1) & (xy[:, 0] >= -0.5 * sx) & (xy[:, 0] <= w + 0.5 * sx)
                 & (xy[:, 1] >= -0.5 * sy) & (xy[:, 1] <= h + 0.5 * sy))
 
+    def to_cells(self, uv: np.ndarray) -> np.ndarray:
+        """(N, 2) (x, y) on the feature grid, cell centres at integers: where
+        ``grid_sample(..., align_corners=False)`` reads ``to_grid(uv)`` before its border clamp
+        (``((g + 1) · size − 1) / 2`` simplifies to ``input / stride − 0.5``)."""
+        return self.to_input(uv) / self.stride - 0.5
+
     def to_grid(self, uv: np.ndarray) -> np.ndarray:
         """(N, 2) coords in [-1, 1] for ``grid_sample(..., align_corners=False)`` on the feature map."""
         xy = self.to_input(uv)

@@ -51,6 +51,18 @@ def norm_act(x: SparseTensor, norm: nn.Module, act: nn.Module | None = None) -> 
     return act(y) if act is not None else y
 
 
+def conv_norm_act(conv: Conv3d, x: SparseTensor, norm: nn.Module, act: nn.Module | None = None) -> SparseTensor:
+    """``act(norm(conv(x)))``; at eval-mode inference the norm is folded into the conv's
+    kernel (``Conv3d.forward_folded``) and the ReLU runs in place on its output."""
+    if act is None or isinstance(act, nn.ReLU):
+        y = conv.forward_folded(x, norm)
+        if y is not None:
+            if act is not None:
+                y.feats.relu_()
+            return y
+    return norm_act(conv(x), norm, act)
+
+
 def add_act(out: SparseTensor, residual: SparseTensor, act: nn.Module) -> SparseTensor:
     """``act(out + residual)`` where ``out``'s features are owned by the caller (in place at inference)."""
     if isinstance(act, nn.ReLU) and _in_place_ok(out.feats) and _in_place_ok(residual.feats) \
@@ -63,14 +75,14 @@ def add_act(out: SparseTensor, residual: SparseTensor, act: nn.Module) -> Sparse
 
 
 def run_sequential(seq: nn.Sequential, x: SparseTensor) -> SparseTensor:
-    """``seq(x)``, with every Conv3d → BatchNorm (→ ReLU) run through ``norm_act``."""
+    """``seq(x)``, with every Conv3d → BatchNorm (→ ReLU) run through ``conv_norm_act``."""
     mods = list(seq)
     i = 0
     while i < len(mods):
         m = mods[i]
         if isinstance(m, Conv3d) and i + 1 < len(mods) and isinstance(mods[i + 1], BatchNorm):
             act = mods[i + 2] if i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU) else None
-            x = norm_act(m(x), mods[i + 1], act)
+            x = conv_norm_act(m, x, mods[i + 1], act)
             i += 2 if act is None else 3
         else:
             x = m(x)
@@ -94,8 +106,8 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        out = norm_act(self.conv1(x), self.norm1, self.relu)
-        out = norm_act(self.conv2(out), self.norm2)
+        out = conv_norm_act(self.conv1, x, self.norm1, self.relu)
+        out = conv_norm_act(self.conv2, out, self.norm2)
         residual = run_sequential(self.downsample, x) if self.downsample is not None else x
         return add_act(out, residual, self.relu)
 

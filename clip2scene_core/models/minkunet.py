@@ -12,7 +12,7 @@ from torch import nn
 
 from ..sparse import BatchNorm, Conv3d, ReLU, SparseTensor, cat
 from .batch import VoxelBatch
-from .blocks import BasicBlock, norm_act
+from .blocks import BasicBlock, conv_norm_act
 
 MINKUNET_VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "minkunet14a": {"layers": (1, 1, 1, 1, 1, 1, 1, 1), "planes": (32, 64, 128, 256, 128, 128, 96, 96)},
@@ -96,23 +96,23 @@ class MinkUNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_sparse(self, x: SparseTensor) -> SparseTensor:
-        # conv → bn → relu triplets run through norm_act (in place at inference)
-        out_p1 = norm_act(self.conv0p1s1(x), self.bn0, self.relu)
-        out = norm_act(self.conv1p1s2(out_p1), self.bn1, self.relu)
+        # conv → bn → relu triplets run through conv_norm_act (BN folded at inference)
+        out_p1 = conv_norm_act(self.conv0p1s1, x, self.bn0, self.relu)
+        out = conv_norm_act(self.conv1p1s2, out_p1, self.bn1, self.relu)
         out_b1p2 = self.block1(out)
-        out = norm_act(self.conv2p2s2(out_b1p2), self.bn2, self.relu)
+        out = conv_norm_act(self.conv2p2s2, out_b1p2, self.bn2, self.relu)
         out_b2p4 = self.block2(out)
-        out = norm_act(self.conv3p4s2(out_b2p4), self.bn3, self.relu)
+        out = conv_norm_act(self.conv3p4s2, out_b2p4, self.bn3, self.relu)
         out_b3p8 = self.block3(out)
-        out = norm_act(self.conv4p8s2(out_b3p8), self.bn4, self.relu)
+        out = conv_norm_act(self.conv4p8s2, out_b3p8, self.bn4, self.relu)
         out = self.block4(out)
-        out = norm_act(self.convtr4p16s2(out), self.bntr4, self.relu)
+        out = conv_norm_act(self.convtr4p16s2, out, self.bntr4, self.relu)
         out = self.block5(cat([out, out_b3p8]))
-        out = norm_act(self.convtr5p8s2(out), self.bntr5, self.relu)
+        out = conv_norm_act(self.convtr5p8s2, out, self.bntr5, self.relu)
         out = self.block6(cat([out, out_b2p4]))
-        out = norm_act(self.convtr6p4s2(out), self.bntr6, self.relu)
+        out = conv_norm_act(self.convtr6p4s2, out, self.bntr6, self.relu)
         out = self.block7(cat([out, out_b1p2]))
-        out = norm_act(self.convtr7p2s2(out), self.bntr7, self.relu)
+        out = conv_norm_act(self.convtr7p2s2, out, self.bntr7, self.relu)
         return self.block8(cat([out, out_p1]))
 
     def forward(self, batch: VoxelBatch) -> torch.Tensor:

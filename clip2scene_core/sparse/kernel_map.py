@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidPointCloudError
+from .sorting import nonzero_1d, sort_keys, unique_keys
 from .tensor import SparseCache
 
 
@@ -41,11 +42,15 @@ def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | s
 MARGIN = 8   # grid cells added around a table's bounding box so offset queries never wrap
 
 
-def _extent_ok(size: torch.Tensor) -> bool:
+def _volume(size: torch.Tensor) -> int:
     total = 1
     for v in size.tolist():
         total *= int(v)
-    return total < 2 ** 62
+    return total
+
+
+def _extent_ok(size: torch.Tensor) -> bool:
+    return _volume(size) < 2 ** 62
 
 
 def _pack(rel: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def unique_coords(c: torch.Tensor, return_inverse: bool = False):
     if not _extent_ok(size):
         res = torch.unique(c, dim=0, return_inverse=return_inverse)
         return (res[0].to(torch.int32), res[1]) if return_inverse else res.to(torch.int32)
-    keys, inverse = torch.unique(_pack(c - lo, size), return_inverse=True)
+    keys, inverse = unique_keys(_pack(c - lo, size), _volume(size))
     out = torch.empty(keys.shape[0], 4, dtype=torch.int64, device=c.device)
     for col in (3, 2, 1):
         out[:, col] = keys % size[col]
@@ -110,7 +115,7 @@ class LookupTable:
         if not _extent_ok(size):
             raise InvalidPointCloudError(
                 f"voxel grid extent {size.tolist()} too large to index; crop the point range")
-        skeys, order = torch.sort(_pack(c - lo, size))
+        skeys, order = sort_keys(_pack(c - lo, size), _volume(size))
         if skeys.numel() > 1 and bool((skeys[1:] == skeys[:-1]).any()):
             raise InvalidPointCloudError("sparse tensor has duplicate coordinates")
         return cls(lo, size, skeys, order)
@@ -183,7 +188,7 @@ class LookupTable:
         q = (delta[:, None] + _pack(base - self.lo, self.size)[None, :]).view(-1)    # (C·M,)
         pos = _searchsorted(self.keys, q)
         d = padded.index_select(0, pos) - q
-        sel = torch.nonzero(d < span).squeeze(1)                    # windows holding a key
+        sel = nonzero_1d(d < span)                    # windows holding a key
         q, pos, d = q.index_select(0, sel), pos.index_select(0, sel), d.index_select(0, sel)
         col = torch.div(sel, m_base, rounding_mode="floor")
         slot = sel + col * ((n_z - 1) * m_base)                     # (c·n_z)·M + m
@@ -192,7 +197,7 @@ class LookupTable:
             if j:
                 pos = pos + 1
                 d = padded.index_select(0, pos) - q
-                keep = torch.nonzero(d < span).squeeze(1)            # keys ascend: the rest are done
+                keep = nonzero_1d(d < span)            # keys ascend: the rest are done
                 if keep.numel() == 0:
                     break
                 if keep.numel() < d.numel():
@@ -202,7 +207,7 @@ class LookupTable:
                 slots.append(slot + d * m_base)
                 rows.append(self.rows.index_select(0, pos))
             else:
-                on = torch.nonzero(d % dilation == 0).squeeze(1)
+                on = nonzero_1d(d % dilation == 0)
                 t = torch.div(d.index_select(0, on), dilation, rounding_mode="floor")
                 slots.append(slot.index_select(0, on) + t * m_base)
                 rows.append(self.rows.index_select(0, pos.index_select(0, on)))
@@ -213,8 +218,8 @@ class LookupTable:
         """All hits of ``base[m] + (dx_c, dy_c, z0 + t·dilation)`` for columns c, t < ``n_z``
         as (group, m, row), sorted by (group, m), with group = c·n_z + t."""
         slot, rows = self._column_hits(base, columns, z0, n_z, dilation)
-        slot, order = torch.sort(slot)
         m_base = max(base.shape[0], 1)
+        slot, order = sort_keys(slot, columns.shape[0] * n_z * m_base)
         g = torch.div(slot, m_base, rounding_mode="floor")
         return g, slot - g * m_base, rows.index_select(0, order)
 
@@ -278,7 +283,8 @@ def _strided_map(coords: torch.Tensor, kernel_size: int, conv_stride: int) -> Ke
     rem = c[:, 1:] - coarse * conv_stride                  # offsets 0 … k−1, z fastest
     k_idx = (rem[:, 0] * kernel_size + rem[:, 1]) * kernel_size + rem[:, 2]
     kvol = kernel_size ** 3
-    order = torch.sort(k_idx * max(out_coords.shape[0], 1) + inverse).indices    # by offset, then output row
+    n_out = max(out_coords.shape[0], 1)
+    order = sort_keys(k_idx * n_out + inverse, kvol * n_out)[1]    # by offset, then output row
     counts = torch.bincount(k_idx, minlength=kvol).tolist()
     ins = list(torch.split(order, counts))
     outs = list(torch.split(inverse[order], counts))
