@@ -1,6 +1,10 @@
 """CLIP2Scene training losses (Chen et al., CVPR 2023), Lovász-softmax for fine-tuning and for
 class-imbalance handling on the pre-training pseudo-labels.
 
+Over ~400 lines: each loss and its released-code variants (training recipes ``released`` /
+``paper``, ``training.engine.config``) share one config and the same helpers; splitting them
+would scatter one equation over modules.
+
 Equation numbers are those of the CVPR 2023 paper (Sec. 3.2). Where the released code
 (github.com/runnanchen/CLIP2Scene, ``pretrain/lightning_trainer.py``, ``model/fusionNet.py``)
 does something else, the paper is the default and the released behaviour is an option — with
@@ -61,7 +65,7 @@ from .imbalance import CLASS_WEIGHTS, class_balance_weights, lovasz_softmax
 __all__ = [
     "ScrConfig", "SsrConfig", "SelfTrainingConfig",
     "cosine_logits", "scr_contrastive_loss", "scr_cross_entropy_loss", "semantic_consistency_loss",
-    "grid_partition", "grid_labels", "text_guided_fusion", "ssr_loss",
+    "grid_partition", "grid_labels", "first_in_cell", "text_guided_fusion", "ssr_loss", "ssr_pair_loss",
     "switchable_targets", "lovasz_softmax", "segmentation_loss", "CLASS_WEIGHTS", "class_balance_weights",
     "pseudo_label_lovasz",
 ]
@@ -77,6 +81,9 @@ class ScrConfig:
     temperature: float = 0.5          # τ of Eq. 1 (paper: 0.5)
     form: Literal["per_point", "per_class"] = "per_point"   # one term per point / Eq. 1 as printed
     ce_temperature: float = 0.07      # logit scale of the CE-over-text variant
+    # logits of the CE variant: cosine / ce_temperature, or "dot": the released code's raw
+    # scalar product of the point feature and the (unit) text embedding, scale 1
+    ce_logits: Literal["cosine", "dot"] = "cosine"
     weight: float = 1.0
     # class-imbalance handling on the pseudo-labels (not in the paper; off by default):
     # per-point weights of the SCR term from the batch's pseudo-label frequencies, and a
@@ -90,6 +97,8 @@ class ScrConfig:
             raise ValueError("temperatures must be positive")
         if self.form not in ("per_class", "per_point"):
             raise ValueError(f"unknown SCR form {self.form!r}")
+        if self.ce_logits not in ("cosine", "dot"):
+            raise ValueError(f"unknown SCR ce_logits {self.ce_logits!r}")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class_weights {self.class_weights!r} (one of {', '.join(CLASS_WEIGHTS)})")
         if not (isinstance(self.lovasz_weight, (int, float)) and math.isfinite(self.lovasz_weight)
@@ -109,17 +118,35 @@ class SsrConfig:
     # 1 - cos(p, f_n), which reaches 0 and has a larger gradient
     similarity: Literal["sigmoid_dot", "cosine"] = "sigmoid_dot"
     # Eq. 2 divides the sum over the cells' points by N, the number of cells ("cells");
-    # "points" averages over the points instead
-    normalize: Literal["cells", "points"] = "cells"
+    # "points" averages over the points instead; "slots" divides by N * max_members, as the
+    # released code's mean over its packed (cell, slot) table does (empty slots add a constant)
+    normalize: Literal["cells", "points", "slots"] = "cells"
     # Eq. 2 sums over pixel-point pairs: key-frame points without a pixel stay out unless this
     # is set (sweep points enter SSR as point members: our sweeps are not projected to pixels)
     unpaired_points: bool = False
     detach_target: bool = False       # stop gradients through the fused cell feature
+    # "cell": Eq. 2-4 over grid cells; "pair": the released ScanNet loss, the mean over
+    # pixel-point pairs of 1 - cos(pixel feature, point feature) (no cells, no fusion)
+    form: Literal["cell", "pair"] = "cell"
+    # members fused into f_n (Eq. 3): the cell's pixel *and* point features (the paper), or
+    # its point features only (the released code loads the pixels but fuses the points)
+    features: Literal["fused", "points"] = "fused"
+    # D of Eq. 2-4: cosine of L2-normalised features, or "dot": raw scalar products of
+    # unnormalised point features (the released code; the text embeddings stay unit vectors)
+    metric: Literal["cosine", "dot"] = "cosine"
+    max_members: int | None = None    # keep the first k points of each cell (released: 8)
 
     def __post_init__(self) -> None:
         if self.lam <= 0 or self.grid_size <= 0:
             raise ValueError("lam and grid_size must be positive")
-        if self.similarity not in ("sigmoid_dot", "cosine") or self.normalize not in ("cells", "points"):
+        if self.form not in ("cell", "pair") or self.features not in ("fused", "points") \
+                or self.metric not in ("cosine", "dot"):
+            raise ValueError(f"unknown SSR form {self.form!r}, features {self.features!r} or metric {self.metric!r}")
+        if self.max_members is not None and self.max_members < 1:
+            raise ValueError(f"max_members must be >= 1 or null, got {self.max_members}")
+        if self.normalize == "slots" and self.max_members is None:
+            raise ValueError("normalize 'slots' needs max_members (the slots per cell)")
+        if self.similarity not in ("sigmoid_dot", "cosine") or self.normalize not in ("cells", "points", "slots"):
             raise ValueError(f"unknown SSR similarity {self.similarity!r} or normalize {self.normalize!r}")
 
 
@@ -222,14 +249,19 @@ def scr_contrastive_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
 
 def scr_cross_entropy_loss(point_feats: Tensor, text_emb: Tensor, labels: Tensor,
                            temperature: float = 0.07, ignore_index: int = -1,
-                           class_weights: Tensor | None = None) -> Tensor:
-    """Released-code variant: cross-entropy over the text classifier. The released code uses
-    raw dot products (logit scale 1); here cosine / ``temperature``. ``class_weights``: the
-    weighted mean of ``F.cross_entropy``."""
+                           class_weights: Tensor | None = None,
+                           logits_form: Literal["cosine", "dot"] = "cosine") -> Tensor:
+    """Released-code variant: cross-entropy over the text classifier. ``logits_form="dot"``
+    is the released code's raw dot product with the unit text embeddings (logit scale 1);
+    ``"cosine"``: cosine / ``temperature``. ``class_weights``: the weighted mean of
+    ``F.cross_entropy``."""
     _check_labels(point_feats, text_emb, labels)
     if not bool((labels != ignore_index).any()):
         return _zero(point_feats)
-    logits = cosine_logits(point_feats, text_emb) / temperature
+    if logits_form == "dot":
+        logits = point_feats @ F.normalize(text_emb, dim=-1).t()
+    else:
+        logits = cosine_logits(point_feats, text_emb) / temperature
     w = None if class_weights is None else class_weights.to(logits.dtype)
     return F.cross_entropy(logits, labels, weight=w, ignore_index=ignore_index)
 
@@ -244,7 +276,7 @@ def semantic_consistency_loss(point_feats: Tensor, text_emb: Tensor, labels: Ten
         return scr_contrastive_loss(point_feats, text_emb, labels, cfg.temperature, ignore_index, cfg.form,
                                     class_weights=w)
     return scr_cross_entropy_loss(point_feats, text_emb, labels, cfg.ce_temperature, ignore_index,
-                                  class_weights=w)
+                                  class_weights=w, logits_form=cfg.ce_logits)
 
 
 def pseudo_label_lovasz(point_feats: Tensor, text_emb: Tensor, labels: Tensor, temperature: float = 0.07,
@@ -286,6 +318,22 @@ def grid_labels(point_labels: Tensor, cells: Tensor, num_classes: int, ignore_in
     return lab
 
 
+def first_in_cell(cells: Tensor, k: int | None) -> Tensor:
+    """(N,) bool: the first ``k`` rows (in row order) of every cell; all rows when ``k`` is
+    None. The released code packs at most 8 pixel-point pairs per voxel the same way."""
+    if k is None or cells.numel() == 0:
+        return torch.ones_like(cells, dtype=torch.bool)
+    order = torch.sort(cells, stable=True).indices
+    sc = cells[order]
+    pos = torch.arange(sc.numel(), device=cells.device)
+    start = torch.ones_like(sc, dtype=torch.bool)
+    start[1:] = sc[1:] != sc[:-1]
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), dim=0).values
+    keep = torch.empty_like(start)
+    keep[order] = (pos - first) < k
+    return keep
+
+
 def _segment_softmax(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
     gmax = torch.full((num_groups,), float("-inf"), device=logits.device, dtype=logits.dtype)
     gmax = gmax.scatter_reduce(0, group, logits, reduce="amax", include_self=True)
@@ -294,7 +342,8 @@ def _segment_softmax(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return ex / den[group]
 
 
-def text_guided_fusion(members: Tensor, group: Tensor, group_text: Tensor, lam: float = 1.0) -> Tensor:
+def text_guided_fusion(members: Tensor, group: Tensor, group_text: Tensor, lam: float = 1.0,
+                       normalize: bool = True) -> Tensor:
     """Eq. 3–4: f_n = Σ_m softmax_m(D(x_m, t_n)/λ) x_m over the members m of cell n.
 
     ``members`` (M, D) are the pixel *and* point features of the cell's pairs, all in one
@@ -306,10 +355,11 @@ def text_guided_fusion(members: Tensor, group: Tensor, group_text: Tensor, lam: 
 
     The paper writes the text per pair (t_i); here a cell has one text, that of the majority
     pseudo-label of its pairs (:func:`grid_labels`); the released code takes one text per cell
-    too (the label of one of its pairs) and fuses only the point features.
+    too (the label of one of its pairs) and fuses only the point features, unnormalised
+    (``normalize=False``: D is then the raw scalar product with the unit text).
     """
     num_groups = group_text.shape[0]
-    x = F.normalize(members, dim=-1)
+    x = F.normalize(members, dim=-1) if normalize else members
     t = F.normalize(group_text, dim=-1)
     att = _segment_softmax((x * t[group]).sum(-1) / lam, group, num_groups)
     fused = torch.zeros(num_groups, members.shape[1], device=members.device, dtype=members.dtype)
@@ -327,7 +377,10 @@ def ssr_loss(point_feats: Tensor, cells: Tensor, pixel_feats: Tensor, pixel_cell
     of the cell's pixels and points (Eq. 3–4), not detached unless ``cfg.detach_target``.
 
     ``cfg.similarity = "cosine"`` replaces 1 - sigmoid(D) by 1 - cos(p_i, f_n);
-    ``cfg.normalize = "points"`` divides by the number of points instead of cells.
+    ``cfg.normalize = "points"`` divides by the number of points instead of cells;
+    ``cfg.features = "points"`` fuses the point features only; ``cfg.metric = "dot"`` takes
+    D as the raw scalar product (unnormalised points). ``cfg.form`` and ``cfg.max_members``
+    are the caller's (``ssr_pair_loss``, :func:`first_in_cell`).
     """
     if point_feats.shape[1] != text_emb.shape[1] or (pixel_feats.numel() and pixel_feats.shape[1] != text_emb.shape[1]):
         raise Clip2SceneError("SSR: point, pixel and text feature dims must agree")
@@ -344,20 +397,37 @@ def ssr_loss(point_feats: Tensor, cells: Tensor, pixel_feats: Tensor, pixel_cell
     px_cells = remap[pixel_cells[xmask]]
     px_feats = pixel_feats[xmask].to(pt_feats.dtype)
     group_text = text_emb[cell_labels[labelled]].to(pt_feats.dtype)
-    members = torch.cat([px_feats, pt_feats], dim=0)
-    group = torch.cat([px_cells, pt_cells], dim=0)
-    fused = text_guided_fusion(members, group, group_text, cfg.lam)
+    if cfg.features == "points":
+        members, group = pt_feats, pt_cells
+    else:
+        members, group = torch.cat([px_feats, pt_feats], dim=0), torch.cat([px_cells, pt_cells], dim=0)
+    cosine = cfg.metric == "cosine"
+    fused = text_guided_fusion(members, group, group_text, cfg.lam, normalize=cosine)
     if cfg.detach_target:
         fused = fused.detach()
     target = fused[pt_cells]
     if cfg.similarity == "cosine":
         dist = 1.0 - F.cosine_similarity(pt_feats, target, dim=-1)
     else:
-        dist = 1.0 - torch.sigmoid((F.normalize(pt_feats, dim=-1) * target).sum(-1))
+        p = F.normalize(pt_feats, dim=-1) if cosine else pt_feats
+        dist = 1.0 - torch.sigmoid((p * target).sum(-1))
     if cfg.normalize == "points":
         return dist.mean()
     num_cells = int(torch.unique(pt_cells).numel())      # N: the cells that hold points
+    if cfg.normalize == "slots":
+        return dist.sum() / (num_cells * int(cfg.max_members or 1))
     return dist.sum() / num_cells
+
+
+def ssr_pair_loss(point_feats: Tensor, pixel_feats: Tensor) -> Tensor:
+    """``SsrConfig.form = "pair"``, the released ScanNet spatial loss: the mean over
+    pixel-point pairs (rows aligned) of 1 - cos(pixel feature, point feature)."""
+    if point_feats.shape != pixel_feats.shape:
+        raise Clip2SceneError(f"SSR pairs: point {tuple(point_feats.shape)} and pixel "
+                              f"{tuple(pixel_feats.shape)} features must align")
+    if point_feats.shape[0] == 0:
+        return _zero(point_feats)
+    return (1.0 - F.cosine_similarity(pixel_feats.to(point_feats.dtype), point_feats, dim=1)).mean()
 
 
 # ----------------------------------------------------------------------------- self-training

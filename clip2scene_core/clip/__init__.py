@@ -6,6 +6,7 @@ when a ``ClipTeacher`` is built.
 from .maskclip import MaskClipOptions
 from .preprocess import ImageGeometry, PreprocessConfig, preprocess_images, sample_grid
 from .prompts import DEFAULT_TEMPLATES, TEMPLATE_SETS, resolve_templates
+from .refine import KeySmoothing, key_smoothing, kept_classes, prompt_denoise
 from .teacher import ClipTeacher, register_model_config
 from .text_bank import (TextEmbeddingBank, TextEmbeddings, default_cache_dir,
                         load_text_embeddings, save_text_embeddings)
@@ -16,5 +17,5 @@ __all__ = [
     "preprocess_images", "sample_grid",
     "Vocabulary", "TextEmbeddingBank", "TextEmbeddings", "save_text_embeddings",
     "load_text_embeddings", "default_cache_dir", "DEFAULT_TEMPLATES", "TEMPLATE_SETS",
-    "resolve_templates",
+    "resolve_templates", "KeySmoothing", "key_smoothing", "kept_classes", "prompt_denoise",
 ]

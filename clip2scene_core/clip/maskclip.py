@@ -17,6 +17,11 @@ ResNet (``ModifiedResNet``): the attention pool's ``v_proj`` and ``c_proj`` beco
 convolutions on the last feature map. MaskCLIP adds no positional embedding on this path
 (the pool's embedding was learnt for its 7×7 grid); ``resnet_pos_embed=True`` adds the
 resized spatial embedding instead.
+
+``dense_forward_with_keys`` also returns the keys the last attention computes for each
+patch in that same forward (ViT: ``k_proj(ln_1(x))`` of the last block; ResNet: the pool's
+``k_proj`` of each cell plus its positional embedding), for MaskCLIP's key smoothing
+(``refine.py``).
 """
 from __future__ import annotations
 
@@ -93,20 +98,28 @@ def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int
     return torch.cat([cls, g], dim=0)
 
 
-def _value_weights(attn: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:
+def _projection_weights(attn: nn.MultiheadAttention, which: Literal["k", "v"]
+                        ) -> tuple[Tensor, Tensor | None]:
+    """The key or value projection of an ``nn.MultiheadAttention`` (packed or separate weights)."""
     c = attn.embed_dim
+    i = 1 if which == "k" else 2
     if attn.in_proj_weight is not None:
-        w = attn.in_proj_weight[2 * c:]
+        w = attn.in_proj_weight[i * c:(i + 1) * c]
     else:
-        w = attn.v_proj_weight
-    b = attn.in_proj_bias[2 * c:] if attn.in_proj_bias is not None else None
+        w = attn.k_proj_weight if which == "k" else attn.v_proj_weight
+    b = attn.in_proj_bias[i * c:(i + 1) * c] if attn.in_proj_bias is not None else None
     return w, b
 
 
 def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Dense (B, D, gh, gw) MaskCLIP features and the pooled (B, D) image embedding (unnormalised)."""
-    opts = opts or MaskClipOptions()
+    dense, pooled, _ = _vit(visual, x, opts or MaskClipOptions(), with_keys=False)
+    return dense, pooled
+
+
+def _vit(visual: nn.Module, x: Tensor, opts: MaskClipOptions, with_keys: bool
+         ) -> tuple[Tensor, Tensor, Tensor | None]:
     b, _, hp, wp = x.shape
     p = vision_stride(visual)
     if hp % p or wp % p:
@@ -127,14 +140,17 @@ def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = Non
         t = blk(t)
     last = blocks[-1]
     full = last(t)
-    w_v, b_v = _value_weights(last.attn)
-    v = F.linear(last.ln_1(t), w_v, b_v)
+    normed = last.ln_1(t)
+    w_v, b_v = _projection_weights(last.attn, "v")
+    v = F.linear(normed, w_v, b_v)
     v = last.attn.out_proj(v)
     if opts.last_block == "maskclip":
         v = t + last.ls_1(v)
         v = v + last.ls_2(last.mlp(last.ln_2(v)))
+    keys = F.linear(normed, *_projection_weights(last.attn, "k")) if with_keys else None
     if not batch_first:
         full, v = full.transpose(0, 1), v.transpose(0, 1)
+        keys = keys.transpose(0, 1) if keys is not None else None
 
     pooled, _ = visual._pool(full)
     dense = visual.ln_post(v[:, 1:])
@@ -142,13 +158,20 @@ def vit_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = Non
         pooled = pooled @ visual.proj
         dense = dense @ visual.proj
     dense = dense.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-    return dense.contiguous(), pooled
+    if keys is not None:
+        keys = keys[:, 1:].reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+    return dense.contiguous(), pooled, keys
 
 
 def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
                    ) -> tuple[Tensor, Tensor]:
     """Dense (B, D, h, w) MaskCLIP features and the attention-pooled (B, D) embedding."""
-    opts = opts or MaskClipOptions()
+    dense, pooled, _ = _resnet(visual, x, opts or MaskClipOptions(), with_keys=False)
+    return dense, pooled
+
+
+def _resnet(visual: nn.Module, x: Tensor, opts: MaskClipOptions, with_keys: bool
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
     f = visual.stem(x)
     f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(f))))   # (B, C, h, w)
     pool = visual.attnpool
@@ -160,6 +183,10 @@ def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = 
         d = d + pos[1:].T.reshape(1, -1, grid[0], grid[1])
     d = F.conv2d(d, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
     d = F.conv2d(d, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    keys = None
+    if with_keys:   # what the pool's attention uses as the key of each cell
+        keys = F.conv2d(f + pos[1:].T.reshape(1, -1, grid[0], grid[1]),
+                        pool.k_proj.weight[:, :, None, None], pool.k_proj.bias)
 
     if grid == native_grid(visual):
         pooled = pool(f)
@@ -175,7 +202,7 @@ def resnet_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = 
             out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
             use_separate_proj_weight=True, training=False, need_weights=False)
         pooled = pooled[0]
-    return d.contiguous(), pooled
+    return d.contiguous(), pooled, keys
 
 
 def dense_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
@@ -184,3 +211,12 @@ def dense_forward(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = N
     if vision_kind(visual) == "resnet":
         return resnet_forward(visual, x, opts)
     return vit_forward(visual, x, opts)
+
+
+def dense_forward_with_keys(visual: nn.Module, x: Tensor, opts: MaskClipOptions | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``dense_forward`` plus the last attention's (B, Ck, h, w) keys of the same forward."""
+    run = _resnet if vision_kind(visual) == "resnet" else _vit
+    dense, pooled, keys = run(visual, x, opts or MaskClipOptions(), with_keys=True)
+    assert keys is not None
+    return dense, pooled, keys

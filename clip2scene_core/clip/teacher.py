@@ -25,10 +25,11 @@ from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
 from ..device import resolve_device
-from .maskclip import MaskClipOptions, dense_forward, vision_kind, vision_stride
+from .maskclip import MaskClipOptions, dense_forward, dense_forward_with_keys, vision_kind, vision_stride
 from .preprocess import (OPENAI_MEAN, OPENAI_STD, ImageGeometry, PreprocessConfig,
                          preprocess_images, sample_grid)
 from .prompts import DEFAULT_TEMPLATES
+from .refine import KeySmoothing, prompt_denoise, smooth_features
 from .text_bank import TextEmbeddingBank
 from .vocabulary import Vocabulary
 
@@ -75,6 +76,9 @@ class ClipTeacher:
     """Frozen CLIP: ``encode_text``, ``text_embeddings``, ``dense_features``, ``pixel_features``.
 
     Implements ``clip2scene_core.teachers.Teacher2D`` (the MaskCLIP teacher of pre-training).
+    ``key_smoothing`` (off by default): MaskCLIP's key smoothing of the dense features
+    (``refine.py``), with the last block's keys from the same forward; ``dense_scores`` gives
+    class scores with optional prompt denoising.
     """
 
     #: features come from the image alone (the teacher cache need not keep it after the pass)
@@ -82,7 +86,8 @@ class ClipTeacher:
 
     def __init__(self, model: torch.nn.Module, model_name: str, tokenizer: Any,
                  device: str | torch.device = "cpu", preprocess: PreprocessConfig | None = None,
-                 options: MaskClipOptions | None = None, weights_source: str = "random") -> None:
+                 options: MaskClipOptions | None = None, weights_source: str = "random",
+                 key_smoothing: KeySmoothing | None = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval().float()
         self.model.requires_grad_(False)
@@ -90,6 +95,7 @@ class ClipTeacher:
         self.tokenizer = tokenizer
         self.preprocess = preprocess or PreprocessConfig()
         self.options = options or MaskClipOptions()
+        self.key_smoothing = key_smoothing or KeySmoothing()
         self.weights_source = weights_source
         self.kind = vision_kind(self.model.visual)
         self.stride = vision_stride(self.model.visual)
@@ -109,7 +115,8 @@ class ClipTeacher:
                         device: str | torch.device = "auto", *, quick_gelu: bool | None = None,
                         preprocess: PreprocessConfig | None = None,
                         options: MaskClipOptions | None = None,
-                        cache_dir: str | None = None) -> "ClipTeacher":
+                        cache_dir: str | None = None,
+                        key_smoothing: KeySmoothing | None = None) -> "ClipTeacher":
         """An open_clip architecture by name with weights from a local file or a pretrained tag.
 
         ``weights=None`` means the "openai" tag. ``quick_gelu=None`` picks QuickGELU for
@@ -126,7 +133,7 @@ class ClipTeacher:
             except Exception as exc:
                 raise WeightsNotFoundError(f"cannot load CLIP model '{model_name}': {exc}") from exc
             return cls(model, model_name, open_clip.get_tokenizer(model_name), device, preprocess,
-                       options, model_name)
+                       options, model_name, key_smoothing)
         name = model_name.replace("/", "-")
         if open_clip.get_model_config(name) is None:
             raise ConfigError(f"unknown CLIP model '{model_name}'; open_clip knows e.g. "
@@ -161,7 +168,7 @@ class ClipTeacher:
             source = f"tag:{weights}"
         tokenizer = open_clip.get_tokenizer(name)
         log.info("CLIP teacher %s loaded from %s", name, source)
-        return cls(model, name, tokenizer, device, preprocess, options, source)
+        return cls(model, name, tokenizer, device, preprocess, options, source, key_smoothing)
 
     @staticmethod
     def _load_local(name: str, path: Path, quick_gelu: bool | None) -> torch.nn.Module:
@@ -193,7 +200,8 @@ class ClipTeacher:
     def from_config(cls, model_cfg: dict[str, Any], device: str | torch.device = "cpu", *,
                     model_name: str = "custom", seed: int | None = None,
                     preprocess: PreprocessConfig | None = None,
-                    options: MaskClipOptions | None = None) -> "ClipTeacher":
+                    options: MaskClipOptions | None = None,
+                    key_smoothing: KeySmoothing | None = None) -> "ClipTeacher":
         """A randomly initialised CLIP from ``{embed_dim, vision_cfg, text_cfg[, quick_gelu]}``.
 
         For tests and for checking shapes; ``vision_cfg.layers`` as an int gives a ViT, as a
@@ -222,7 +230,7 @@ class ClipTeacher:
             model, {"size": model.visual.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD,
                     "interpolation": "bicubic", "resize_mode": "shortest"})
         tokenizer = SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
-        return cls(model, model_name, tokenizer, device, preprocess, options, "random")
+        return cls(model, model_name, tokenizer, device, preprocess, options, "random", key_smoothing)
 
     # --- text ---------------------------------------------------------------------------
     @property
@@ -258,6 +266,8 @@ class ClipTeacher:
             self._identity = {"kind": "maskclip", "model_name": self.model_name, "weights": h.hexdigest(),
                               "preprocess": asdict(self.preprocess), "options": asdict(self.options),
                               "mean": list(self.mean), "std": list(self.std)}
+            if self.key_smoothing.enabled:   # absent when off: today's cache keys stay valid
+                self._identity["key_smoothing"] = asdict(self.key_smoothing)
         return self._identity
 
     def source_digest(self, view: Any) -> str:
@@ -317,11 +327,22 @@ class ClipTeacher:
         return preprocess_images(images, self.stride, self.preprocess, self.mean, self.std, self.device)
 
     def forward_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalised dense (B, D, h, w) and pooled (B, D) features of a prepared input."""
+        """Normalised dense (B, D, h, w) and pooled (B, D) features of a prepared input.
+
+        With ``key_smoothing`` on, the dense features are smoothed (``refine.smooth_features``)
+        rather than the class scores: scores are linear in the normalised features, so the
+        argmax is the same, and every consumer of features (pixel_features, the cache, the
+        node's fusion) gets the refinement without knowing the classes.
+        """
         dense, pooled = [], []
+        smooth = self.key_smoothing.enabled
         with torch.no_grad():
             for i in range(0, x.shape[0], _IMAGE_BATCH):
-                d, p = dense_forward(self.model.visual, x[i:i + _IMAGE_BATCH], self.options)
+                if smooth:
+                    d, p, k = dense_forward_with_keys(self.model.visual, x[i:i + _IMAGE_BATCH], self.options)
+                    d = smooth_features(d.float(), k.float(), self.key_smoothing)
+                else:
+                    d, p = dense_forward(self.model.visual, x[i:i + _IMAGE_BATCH], self.options)
                 dense.append(d.float())
                 pooled.append(p.float())
         return F.normalize(torch.cat(dense), dim=1), F.normalize(torch.cat(pooled), dim=-1)
@@ -336,6 +357,24 @@ class ClipTeacher:
         """``dense_features`` plus the geometry needed to sample them at original pixels."""
         x, geo = self.prepare(images)
         return self.forward_input(x)[0], geo
+
+    def dense_scores(self, images: np.ndarray | Tensor | Sequence[np.ndarray], text_emb: Tensor,
+                     denoise_threshold: float | None = None, logit_scale: float | None = None) -> Tensor:
+        """(B, K, h, w) cosine scores of the dense features against (K, D) class embeddings.
+
+        ``denoise_threshold`` (MaskCLIP: 0.5) applies prompt denoising per image: classes whose
+        confidence (softmax over classes of ``logit_scale`` × scores; None: the model's own
+        scale, 100 for trained CLIP) stays below it at every cell get -inf.
+        """
+        if text_emb.ndim != 2 or text_emb.shape[1] != self.embed_dim:
+            raise ConfigError(f"text embeddings must be (K, {self.embed_dim}), got {tuple(text_emb.shape)}")
+        feats = self.dense_features(images)
+        scores = torch.einsum("bdhw,kd->bkhw", feats, F.normalize(text_emb.to(feats), dim=-1))
+        if denoise_threshold is None:
+            return scores
+        if logit_scale is None:
+            logit_scale = min(float(self.model.logit_scale.exp()), 100.0)
+        return prompt_denoise(scores, denoise_threshold, logit_scale)
 
     def encode_image(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
         """(B, D) global image embeddings (class token / attention pool), L2-normalised."""

@@ -75,6 +75,16 @@ class Vocabulary:
             raise ConfigError(f"vocabulary '{self.name}' has no class {class_name!r}")
         return list(self.synonyms.get(class_name, [class_name]))
 
+    def with_prompts(self, prompts: str) -> "Vocabulary":
+        """This vocabulary prompted with its ``"synonyms"`` (itself), or ``"bare"``: every class
+        by its own name only, as the released CLIP2Scene code prompts (one name per class; the
+        templates still apply). Same classes and order, so labels keep their meaning."""
+        if prompts == "synonyms":
+            return self
+        if prompts == "bare":
+            return Vocabulary(self.name, list(self.class_names), {})
+        raise ConfigError(f"vocabulary prompts must be 'synonyms' or 'bare', got {prompts!r}")
+
     def index(self, class_name: str) -> int:
         try:
             return self.class_names.index(class_name)

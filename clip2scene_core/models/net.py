@@ -10,7 +10,9 @@ formulas need it.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,7 +29,12 @@ class ModelConfig:
     """What ``build_model`` builds; ``in_channels`` must equal ``voxel.num_channels``.
 
     ``backbone`` is a name registered in ``models.registry.BACKBONES`` (minkunet14a,
-    minkunet18, minkunet34, spvcnn).
+    minkunet18, minkunet34, spvcnn). ``head_input`` and ``dropout`` reach backbones whose
+    factory takes them (SPVCNN): ``"concat"`` puts the heads on the point branch's three
+    stages concatenated (480 channels at full width, the released CLIP2Scene's
+    ``Linear(480, 512)``), ``"last"`` on the final features; ``dropout`` None keeps the
+    backbone's own default (SPVCNN 0.3; released CLIP2Scene 0). Checkpoints written before
+    these keys existed load with the defaults, which build the same network.
     """
 
     backbone: str = "minkunet34"
@@ -35,6 +42,8 @@ class ModelConfig:
     embed_dim: int = 512              # CLIP embedding dimension (ViT-B/16: 512, RN50: 1024)
     width_multiplier: float = 1.0     # tests use small widths
     voxel: VoxelConfig = field(default_factory=VoxelConfig)
+    head_input: Literal["last", "concat"] = "last"
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -43,6 +52,10 @@ class ModelConfig:
             raise ConfigError(f"model.in_channels / embed_dim must be ≥ 1, got {self.in_channels}, {self.embed_dim}")
         if not self.width_multiplier > 0:
             raise ConfigError(f"model.width_multiplier must be > 0, got {self.width_multiplier}")
+        if self.head_input not in ("last", "concat"):
+            raise ConfigError(f"model.head_input must be 'last' or 'concat', got {self.head_input!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1) or null, got {self.dropout}")
         if self.voxel.num_channels != self.in_channels:
             raise ConfigError(
                 f"model.in_channels={self.in_channels} but voxel.features {self.voxel.features} "
@@ -98,7 +111,21 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     factory = BACKBONES.get(cfg.backbone)
     if factory is None:
         raise ConfigError(f"model.backbone {cfg.backbone!r} is not one of {list(BACKBONES)}")
-    module = factory(in_channels=cfg.in_channels, width_multiplier=cfg.width_multiplier)
+    kwargs: dict[str, object] = {"in_channels": cfg.in_channels, "width_multiplier": cfg.width_multiplier}
+    options = {"head_input": cfg.head_input} if cfg.head_input != "last" else {}
+    if cfg.dropout is not None:
+        options["dropout"] = cfg.dropout
+    if options:
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        missing = sorted(k for k in options if k not in accepted)
+        if missing:
+            raise ConfigError(f"model.backbone {cfg.backbone!r} has no option {', '.join(missing)} "
+                              f"(model.{missing[0]} is an SPVCNN option)")
+        kwargs.update(options)
+    module = factory(**kwargs)
     return check_backbone(module, cfg.backbone)
 
 

@@ -4,8 +4,16 @@ Module names and widths follow SPVNAS's ``SPVCNN`` (``stem``, ``stage1..4``, ``u
 ``point_transforms``); the class layer is left to ``Clip2SceneNet``. The point branch runs
 on the real points (``VoxelBatch.point_coords``/``point_features``), fused with the voxel
 branch after the stem, the encoder, and the second and fourth decoder stages.
+
+``head_input`` chooses what the heads read: ``"last"`` the final point features (cs[8] = 96
+at full width), ``"concat"`` the released CLIP2Scene head input, the point branch's three
+stages concatenated (cs[4] + cs[6] + cs[8] = 256 + 128 + 96 = 480 at full width, hence its
+``Linear(480, 512)`` heads). ``dropout`` is applied after the encoder and the second decoder
+stage (SPVNAS: 0.3; released CLIP2Scene: 0).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,6 +25,8 @@ from .blocks import (BasicConvolutionBlock, BasicDeconvolutionBlock, ResidualBlo
                      run_sequential)
 
 SPVCNN_CHANNELS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+SPVCNN_DROPOUT = 0.3
+HEAD_INPUTS = ("last", "concat")
 
 
 class SPVCNN(nn.Module):
@@ -24,8 +34,13 @@ class SPVCNN(nn.Module):
 
     point_wise = True
 
-    def __init__(self, in_channels: int, width_multiplier: float = 1.0, dropout: float = 0.3) -> None:
+    def __init__(self, in_channels: int, width_multiplier: float = 1.0, dropout: float = SPVCNN_DROPOUT,
+                 head_input: Literal["last", "concat"] = "last") -> None:
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"SPVCNN head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"SPVCNN dropout must be in [0, 1), got {dropout!r}")
         cs = [max(1, int(round(width_multiplier * c))) for c in SPVCNN_CHANNELS]
         self.stem = nn.Sequential(
             Conv3d(in_channels, cs[0], kernel_size=3, stride=1), BatchNorm(cs[0]), ReLU(True),
@@ -52,7 +67,8 @@ class SPVCNN(nn.Module):
             nn.Sequential(nn.Linear(cs[6], cs[8]), nn.BatchNorm1d(cs[8]), nn.ReLU(True)),
         ])
         self.dropout = nn.Dropout(dropout)
-        self.out_channels = cs[8]
+        self.head_input = head_input
+        self.out_channels = cs[4] + cs[6] + cs[8] if head_input == "concat" else cs[8]
         for m in self.modules():
             if isinstance(m, (nn.BatchNorm1d,)):
                 nn.init.ones_(m.weight)
@@ -92,4 +108,7 @@ class SPVCNN(nn.Module):
         y3 = self.up3[1](cat([self.up3[0](y3), x1]))
         y4 = self.up4[1](cat([self.up4[0](y3), x0]))
         z3 = voxel_to_point(y4, z2)
-        return self._point_add(2, z2.feats, z3.feats)
+        out = self._point_add(2, z2.feats, z3.feats)     # sums into a new tensor: z1, z2 intact
+        if self.head_input == "concat":
+            return torch.cat([z1.feats, z2.feats, out], dim=1)
+        return out

@@ -46,20 +46,22 @@ def build_vocabulary(cfg: VocabConfig):
 
     if cfg.names:
         return Vocabulary.from_names(cfg.names)
-    if cfg.preset:
-        return Vocabulary.preset(cfg.preset)
+    if cfg.preset:   # `vocabulary.prompts`: the preset's synonym lists, or bare class names
+        return Vocabulary.preset(cfg.preset).with_prompts(cfg.prompts)
     raise ConfigError("vocabulary: give a preset or a list of names")
 
 
 def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu"):
     """The frozen CLIP teacher: real weights, or a small random tower for demos/tests."""
-    from clip2scene_core.clip import ClipTeacher, PreprocessConfig
+    from clip2scene_core.clip import ClipTeacher, KeySmoothing, PreprocessConfig
 
     pre = from_dict(PreprocessConfig, dict(cfg.preprocess), "teacher.preprocess")
+    smooth = from_dict(KeySmoothing, dict(cfg.key_smoothing), "teacher.key_smoothing")
     if cfg.random_init:
         return ClipTeacher.from_config(dict(cfg.model_cfg), device=device, model_name=cfg.model_name,
-                                       seed=cfg.seed, preprocess=pre)
-    return ClipTeacher.from_pretrained(cfg.model_name, cfg.weights, device=device, preprocess=pre)
+                                       seed=cfg.seed, preprocess=pre, key_smoothing=smooth)
+    return ClipTeacher.from_pretrained(cfg.model_name, cfg.weights, device=device, preprocess=pre,
+                                       key_smoothing=smooth)
 
 
 def text_embeddings(teacher, vocab, cfg: TeacherConfig) -> torch.Tensor:
@@ -79,8 +81,9 @@ def clip_model_name(teacher: Any, cfg: TeacherConfig) -> str:
 
 
 def make_cache(teacher: Any, cfg: TeacherConfig) -> TeacherCache:
-    """The content-addressed cache of ``teacher`` (identity by content, see teacher_cache)."""
-    return open_cache(teacher, cfg.cache_dir, cfg.min_depth)
+    """The content-addressed cache of ``teacher`` (identity by content, see teacher_cache);
+    ``cfg.prompt_denoising`` denoises its pseudo-labels (and is part of its keys when set)."""
+    return open_cache(teacher, cfg.cache_dir, cfg.min_depth, cfg.prompt_denoising)
 
 
 def run_teacher_pass(reader: Sequence[Any], teacher: Any, cache: TeacherCache, text_emb: torch.Tensor,

@@ -2,6 +2,9 @@
 
 Defaults are the paper's pre-training recipe (SGD lr 0.1, momentum 0.9, cosine, 20 epochs,
 τ = 0.5, λ = 1); ``config/pretrain_demo.yaml`` shrinks everything so it runs on a CPU.
+A pretrain config's ``recipe`` (``project`` | ``released`` | ``paper``, ``training.engine.recipes``)
+supplies the defaults of the keys where the project, the released code and the paper differ;
+keys given in the file or with ``--set`` win.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from clip2scene_core.config import from_dict, load_yaml
 from clip2scene_core.errors import ConfigError
 from clip2scene_core.losses import ScrConfig, SelfTrainingConfig, SsrConfig
 from clip2scene_core.models import ModelConfig
+
+from .recipes import apply_recipe
 
 
 @dataclass
@@ -67,6 +72,17 @@ class TeacherConfig:
     min_depth: float = 1.0
     templates: str = "maskclip"                # prompt template set (clip.prompts)
     text_cache_dir: str | None = None
+    # MaskCLIP refinements (clip.refine), both off by default and part of the cache key when on:
+    key_smoothing: dict[str, Any] = field(default_factory=dict)   # clip.KeySmoothing fields
+    prompt_denoising: float | None = None     # pseudo-labels: drop classes below this confidence
+
+    def __post_init__(self) -> None:
+        from clip2scene_core.clip.refine import KeySmoothing   # torch: only when a config is built
+
+        from_dict(KeySmoothing, dict(self.key_smoothing), "teacher.key_smoothing")
+        if self.prompt_denoising is not None and not 0.0 <= float(self.prompt_denoising) <= 1.0:
+            raise ConfigError(f"teacher.prompt_denoising is a confidence in [0, 1] (MaskCLIP: 0.5) or null, "
+                              f"got {self.prompt_denoising}")
 
 
 @dataclass
@@ -106,6 +122,8 @@ class RunConfig:
 class VocabConfig:
     preset: str | None = "nuscenes16"
     names: list[str] | None = None            # custom vocabulary instead of a preset
+    # a preset's prompt names: its synonym lists, or "bare" class names (released code)
+    prompts: Literal["synonyms", "bare"] = "synonyms"
 
 
 @dataclass
@@ -113,11 +131,14 @@ class PretrainLossConfig:
     scr: ScrConfig = field(default_factory=ScrConfig)
     ssr: SsrConfig = field(default_factory=SsrConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
-    self_train_unpaired: bool = False         # released code: CE to own argmax for unpaired points
+    # CE of unpaired key-frame points to their own argmax after the switch: the released code
+    # computes this term and then overwrites it (no effect there), so no recipe turns it on
+    self_train_unpaired: bool = False
 
 
 @dataclass
 class PretrainConfig:
+    recipe: Literal["project", "released", "paper"] = "project"   # applied by load_training_config
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -292,6 +313,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def load_training_config(cls: type, path: str | Path, overrides: list[str] | None = None):
     """YAML file → ``cls``; ``overrides`` like ``optim.epochs=2`` are applied first (YAML values).
+    A pretrain config's ``recipe`` then fills the keys left out (``recipes.apply_recipe``).
     Every problem (file, key, type, non-finite or out-of-range value) is one ConfigError."""
     data = apply_overrides(load_yaml(path), overrides)
+    if cls is PretrainConfig:
+        data = apply_recipe(data)
     return validate_config(from_dict(cls, data))

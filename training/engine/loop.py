@@ -49,6 +49,19 @@ RESUME_IGNORED = ("run.out_dir", "run.device", "run.num_workers", "run.log_every
                   "teacher.device", "teacher.cache_dir", "teacher.text_cache_dir", "pretrained", "model")
 
 
+#: keys added after states were first written (training recipes), with the value that
+#: reproduces the older behaviour: absent in a saved state and at that value now is no change
+ADDED_KEY_DEFAULTS: dict[str, Any] = {
+    "recipe": "project", "head_input": "last", "dropout": None, "vocabulary.prompts": "synonyms",
+    "scr.ce_logits": "cosine", "ssr.form": "cell", "ssr.features": "fused", "ssr.metric": "cosine",
+    "ssr.max_members": None,
+}
+
+
+def _added_default(key: str, value: Any) -> bool:
+    return any((key == k or key.endswith("." + k)) and value == v for k, v in ADDED_KEY_DEFAULTS.items())
+
+
 class NonFiniteLossError(Clip2SceneError, FloatingPointError):
     """Training produced a NaN/inf loss or gradient; no step was taken, nothing was saved."""
 
@@ -72,6 +85,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: b
     out = []
     for k in sorted(set(a) | set(b)):
         if ignore and _ignored(k):
+            continue
+        if k not in a and _added_default(k, b.get(k)):
             continue
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
         if va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip2scene_core.losses import (cosine_logits, grid_labels, grid_partition, pseudo_label_lovasz,
-                                    segmentation_loss, semantic_consistency_loss, ssr_loss, switchable_targets)
+from clip2scene_core.losses import (cosine_logits, first_in_cell, grid_labels, grid_partition, pseudo_label_lovasz,
+                                    segmentation_loss, semantic_consistency_loss, ssr_loss, ssr_pair_loss,
+                                    switchable_targets)
 from clip2scene_core.models import VoxelBatch
 
 from .config import FinetuneLossConfig, PretrainLossConfig
@@ -30,6 +31,10 @@ class PretrainObjective:
     pixel-point pairs of the key frame plus the sweep points (aligned into the key frame; our
     pipeline gives them no pixel, so they enter as point members), grid cells labelled by the
     pixel pseudo-labels (never the switched ones, as in the released code).
+
+    ``loss.ssr.form = "pair"`` (released ScanNet) replaces the cells by 1 - cos(pixel, point)
+    over the pairs; ``loss.ssr.max_members`` keeps the first k SSR points of each cell (and
+    their pixels), as the released code packs at most 8 pairs per voxel.
 
     Class imbalance (``loss.scr.class_weights``, ``loss.scr.lovasz_weight``, both off by
     default): the SCR terms weighted by pseudo-label frequency, and a Lovász-softmax term on
@@ -68,16 +73,26 @@ class PretrainObjective:
                     st = F.cross_entropy(lr, lr.detach().argmax(1))
                     total = total + self.cfg.scr.weight * st
                     scalars["self_train"] = float(st.detach())
-        if self.cfg.ssr.enabled and local_p.shape[0] > 0:
-            cells = grid_partition(batch.xyz, batch.sample, self.cfg.ssr.grid_size)
+        ssr_cfg = self.cfg.ssr
+        if ssr_cfg.enabled and local_p.shape[0] > 0 and ssr_cfg.form == "pair":
+            ssr = ssr_pair_loss(out.global_[paired], batch.pixel_features)
+            total = total + ssr_cfg.weight * ssr
+            scalars["ssr"] = float(ssr.detach())
+        elif ssr_cfg.enabled and local_p.shape[0] > 0:
+            cells = grid_partition(batch.xyz, batch.sample, ssr_cfg.grid_size)
             point_lab = torch.full_like(batch.pixel_labels, -1)
             point_lab[paired] = pix_lab
             clab = grid_labels(point_lab, cells, k)
             # Eq. 2 runs over pixel-point pairs: key-frame points without a pixel stay out
-            use = torch.ones_like(paired) if self.cfg.ssr.unpaired_points else (paired | ~batch.is_key)
-            ssr = ssr_loss(out.global_[use], cells[use], batch.pixel_features, cells[paired], clab, text,
-                           self.cfg.ssr)
-            total = total + self.cfg.ssr.weight * ssr
+            use = torch.ones_like(paired) if ssr_cfg.unpaired_points else (paired | ~batch.is_key)
+            pixels = batch.pixel_features
+            if ssr_cfg.max_members is not None:    # the first k members of each cell (released: 8)
+                cap = torch.zeros_like(use)
+                cap[use] = first_in_cell(cells[use], ssr_cfg.max_members)
+                use, pixels = cap, pixels[cap[paired]]
+                paired = paired & cap
+            ssr = ssr_loss(out.global_[use], cells[use], pixels, cells[paired], clab, text, ssr_cfg)
+            total = total + ssr_cfg.weight * ssr
             scalars["ssr"] = float(ssr.detach())
         return total, scalars
 

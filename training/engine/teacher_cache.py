@@ -1,6 +1,9 @@
 """Teacher pass: the 2D teacher runs once per image; pixel features of the pixels hit by points
 are cached so training epochs never re-run it.
 
+Over ~400 lines: the key, the entry format, its checks, the teacher pass that writes entries
+and the reload that reads them are one file format and change together.
+
 One cache entry per (sample, camera), content-addressed: the key is a SHA-256 of the teacher's
 identity (``Teacher2D.identity()``: weights / class list / settings, whatever the teacher is
 called), the per-image source digest (``Teacher2D.source_digest(view)``: the label image or
@@ -16,6 +19,13 @@ indices in range); a damaged one is logged with its path, deleted and recomputed
 found later, while training reads the entry, is an error naming the file, which is deleted
 so that the next run's teacher pass recomputes it. Entries written before digests existed
 are accepted after the same structural checks (the zip's CRC still covers their bytes).
+
+MaskCLIP's prompt denoising (``Preprocess.prompt_denoising``, off by default) needs the whole
+image's class scores: the entry's pass keeps the classes of the image that reach the threshold
+(``clip.refine.kept_classes`` on the CLIP teacher's dense map, from the same forward that gives
+the points' features), stores them as ``keep`` and never labels a point with another class. Its
+threshold is part of the key, so changing it recomputes the entries; off, keys and entries are
+exactly those of a cache without the option.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene_core.atomic import atomic_write
-from clip2scene_core.errors import Clip2SceneError
+from clip2scene_core.errors import Clip2SceneError, ConfigError
 from clip2scene_core.geometry import project_points
 from clip2scene_core.teachers import Teacher2D, TeacherView, as_teacher, identity_digest
 from clip2scene_core.types import CameraFrame, Scan
@@ -60,17 +70,27 @@ def view_of(sample: Any, camera: CameraFrame) -> TeacherView:
 
 @dataclass
 class Preprocess:
-    """How images and points are prepared for the teacher; part of the cache key.
+    """How images and points are prepared for the teacher and its pseudo-labels made; part of
+    the cache key.
 
     ``teacher`` holds the teacher's own settings (image resizing, MaskCLIP options), which
-    change its features and so must change the key.
+    change its features and so must change the key. ``prompt_denoising``: MaskCLIP's threshold
+    (0.5 in the paper) for the pseudo-labels, None = off.
     """
 
     teacher: dict[str, Any] = field(default_factory=dict)
     min_depth: float = 1.0
+    prompt_denoising: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_denoising is not None and not 0.0 <= float(self.prompt_denoising) <= 1.0:
+            raise ConfigError(f"prompt_denoising is a confidence in [0, 1] or None, got {self.prompt_denoising}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "min_depth": float(self.min_depth)}
+        out: dict[str, Any] = {"teacher": self.teacher, "min_depth": float(self.min_depth)}
+        if self.prompt_denoising is not None:      # absent when off: today's keys stay valid
+            out["prompt_denoising"] = float(self.prompt_denoising)
+        return out
 
 
 @dataclass
@@ -112,6 +132,36 @@ def text_digest(text_emb: torch.Tensor) -> str:
     return _digest(np.ascontiguousarray(text_emb.detach().float().cpu().numpy()).tobytes())[:16]
 
 
+def _clip_logit_scale(teacher: Any) -> float:
+    """The softmax scale of the teacher's scores: its learnt CLIP scale (clamped to 100, as in
+    training), 100 when it has none (``ClipTeacher.dense_scores`` does the same)."""
+    from clip2scene_core.clip.refine import CLIP_LOGIT_SCALE
+
+    scale = getattr(getattr(teacher, "model", None), "logit_scale", None)
+    return CLIP_LOGIT_SCALE if scale is None else min(float(scale.exp()), CLIP_LOGIT_SCALE)
+
+
+def denoised_pixel_features(teacher: Any, image: np.ndarray, uv: np.ndarray, text_emb: torch.Tensor,
+                            threshold: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features at ``uv``, (K,) kept classes) from one dense forward of a CLIP teacher (one
+    with ``dense_features_with_geometry``); None for other teachers (no dense class map).
+
+    The features equal ``pixel_features``; the classes are decided on the whole feature grid
+    (padding to the stride adds less than one cell, so every cell holds image pixels)."""
+    from clip2scene_core.clip.preprocess import sample_grid
+    from clip2scene_core.clip.refine import kept_classes
+
+    dense = getattr(teacher, "dense_features_with_geometry", None)
+    if not callable(dense):
+        return None
+    feats, geo = dense(image)
+    fmap = feats[0].float()
+    text = F.normalize(text_emb.to(fmap.device, torch.float32), dim=1)
+    scores = torch.einsum("dhw,kd->khw", F.normalize(fmap, dim=0), text)
+    keep = kept_classes(scores, float(threshold), _clip_logit_scale(teacher))
+    return sample_grid(fmap, uv, geo), keep.cpu()
+
+
 def entry_key(teacher_id: str, camera: CameraFrame, xyz: np.ndarray, pre: Preprocess, source: str = "") -> str:
     """Content address of one (image, calibration, points, preprocessing, teacher, source) entry."""
     cal = camera.calibration
@@ -139,6 +189,7 @@ class TeacherCache:
         self.teacher_id = teacher_id
         self.preprocess = preprocess or Preprocess()
         self.source_digest = source_digest
+        self._noted_no_denoise = False
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
@@ -190,6 +241,11 @@ class TeacherCache:
             raise CorruptEntryError(f"teacher cache entry {path} is corrupt (non-finite features)")
         if idx.size and (idx.min() < 0 or (num_points is not None and idx.max() >= num_points)):
             raise CorruptEntryError(f"teacher cache entry {path} is corrupt (point indices outside the scan)")
+        keep = arrays.get("keep")
+        if keep is not None and (keep.ndim != 1 or keep.dtype != np.bool_ or not keep.any()
+                                 or (lab.size and (lab.min() < 0 or lab.max() >= keep.size
+                                                   or not keep[lab].all()))):
+            raise CorruptEntryError(f"teacher cache entry {path} is corrupt (labels outside its kept classes)")
         return arrays
 
     def discard(self, key: str, reason: Exception | str) -> None:
@@ -203,14 +259,19 @@ class TeacherCache:
         except OSError as exc:
             log.warning("could not delete %s: %s", path, exc)
 
-    def _entry_ok(self, key: str, num_points: int) -> bool:
-        """True when entry ``key`` exists and passes ``read_entry``; a damaged one is discarded."""
+    def _entry_ok(self, key: str, num_points: int, text: str | None = None) -> bool:
+        """True when entry ``key`` exists and passes ``read_entry``; a damaged one is discarded.
+        A prompt-denoised entry whose classes were kept for other class embeddings than
+        ``text`` (a digest) is stale: False, so that it is recomputed."""
         if not self.path(key).is_file():
             return False
         try:
-            self.read_entry(key, num_points)
+            arrays = self.read_entry(key, num_points)
         except CorruptEntryError as exc:
             self.discard(key, exc)
+            return False
+        if text is not None and "keep" in arrays and str(arrays["text_digest"]) != text:
+            log.info("%s was prompt-denoised for other class embeddings: recomputed", self.path(key))
             return False
         return True
 
@@ -220,7 +281,8 @@ class TeacherCache:
         """Run the teacher on one camera and store the features of the pixels hit by points.
 
         Rows the teacher leaves at zero or NaN ("no opinion", e.g. unlabelled pixels) are not
-        stored: those points get no target."""
+        stored: those points get no target. With prompt denoising the image's kept classes
+        are stored as ``keep`` and the labels are the argmax over them."""
         view = view or TeacherView(token="", camera=str(camera.name), stamp_ns=int(camera.stamp_ns))
         if key is None:
             src = self.source_digest(view) if self.source_digest is not None else ""
@@ -228,12 +290,24 @@ class TeacherCache:
         proj = project_points(scan.xyz, camera.calibration, min_depth=self.preprocess.min_depth)
         idx = np.flatnonzero(proj.valid).astype(np.int32)
         dim = int(text_emb.shape[1])
+        denoised = None
         if idx.size:
             H, W = camera.image.shape[:2]
             # project_points accepts the outer half pixel (v up to H - 0.5); the teacher samples
             # pixel centres 0..H-1. Clamping moves such points by at most half a pixel.
             uv = np.clip(proj.uv[idx], 0.0, [W - 1.0, H - 1.0])
-            raw = torch.as_tensor(teacher.pixel_features(camera.image, uv, view)).float().cpu()
+            if self.preprocess.prompt_denoising is not None:
+                denoised = denoised_pixel_features(teacher, camera.image, uv, text_emb,
+                                                   self.preprocess.prompt_denoising)
+                if denoised is None and not self._noted_no_denoise:
+                    self._noted_no_denoise = True
+                    log.info("prompt denoising skipped: teacher %s has no dense class map "
+                             "(dense_features_with_geometry); its pseudo-labels are plain argmaxes",
+                             getattr(teacher, "model_name", type(teacher).__name__))
+            if denoised is not None:
+                raw, keep_cls = denoised[0].float().cpu(), denoised[1]
+            else:
+                raw = torch.as_tensor(teacher.pixel_features(camera.image, uv, view)).float().cpu()
             if raw.shape != (idx.size, dim):
                 raise Clip2SceneError(f"teacher {getattr(teacher, 'model_name', type(teacher).__name__)} returned "
                                       f"{tuple(raw.shape)} features for {idx.size} pixels; expected "
@@ -241,12 +315,17 @@ class TeacherCache:
             keep = torch.isfinite(raw).all(1) & (raw.abs().sum(1) > 0)
             idx = idx[keep.numpy()]
             feats = F.normalize(raw[keep], dim=1)
-            labels = (feats @ F.normalize(text_emb.float().cpu(), dim=1).t()).argmax(1)
+            logits = feats @ F.normalize(text_emb.float().cpu(), dim=1).t()
+            if denoised is not None:
+                logits[:, ~keep_cls] = float("-inf")
+            labels = logits.argmax(1)
         else:
             feats, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
-        self._write(key, {"point_index": idx, "features": feats.numpy().astype(np.float16),
-                          "labels": labels.numpy().astype(np.int16),
-                          "text_digest": np.array(text_digest(text_emb))})
+        arrays = {"point_index": idx, "features": feats.numpy().astype(np.float16),
+                  "labels": labels.numpy().astype(np.int16), "text_digest": np.array(text_digest(text_emb))}
+        if denoised is not None:
+            arrays["keep"] = keep_cls.numpy().astype(np.bool_)
+        self._write(key, arrays)
         return key
 
     def write_manifest(self, identity: dict[str, Any]) -> Path:
@@ -263,19 +342,21 @@ class TeacherCache:
               agreement: "TeacherAgreement | None" = None) -> dict[str, int]:
         """Fill the cache for every camera of every sample; existing entries are checked
         (``read_entry``) and skipped, damaged ones discarded and recomputed (counted in
-        ``computed`` and, when there were any, in ``repaired``).
+        ``computed`` and, when there were any, in ``repaired``, as are prompt-denoised entries
+        made for other class embeddings).
         With ``agreement``, the pseudo-labels are scored against the samples' 3D labels."""
         from tqdm import tqdm
 
         stats = {"computed": 0, "cached": 0, "samples": 0}
         repaired = 0
+        text = text_digest(text_emb)
         bar = tqdm(samples, total=total, desc=desc, disable=not progress, unit="sample")
         for sample in bar:
             views = [view_of(sample, c) for c in sample.cameras]
             keys = self.keys_for(sample.scan, sample.cameras, views)
             for cam, key, view in zip(sample.cameras, keys, views):
                 existed = self.path(key).is_file()
-                if self._entry_ok(key, len(sample.scan)):
+                if self._entry_ok(key, len(sample.scan), text):
                     stats["cached"] += 1
                     continue
                 self.compute_entry(teacher, sample.scan, cam, text_emb, key, view)
@@ -327,6 +408,10 @@ class TeacherCache:
             f = z["features"]
             lab = z["labels"].astype(np.int64)
             stored_digest = str(z["text_digest"])
+            if digest is not None and stored_digest != digest and len(idx) and "keep" in z:
+                raise Clip2SceneError(f"teacher cache entry {path} was prompt-denoised for other class "
+                                      f"embeddings: run the teacher pass with these (training/pretrain.py "
+                                      f"runs it before training; it recomputes the entry)")
             if digest is not None and stored_digest != digest and len(idx):
                 emb = F.normalize(text_emb.float().cpu(), dim=1)
                 lab = (torch.from_numpy(f.astype(np.float32)) @ emb.t()).argmax(1).numpy()
@@ -355,16 +440,18 @@ def teacher_identity(teacher: Any) -> tuple[str, dict[str, Any]]:
     return identity_digest(full), ident
 
 
-def open_cache(teacher: Any, cache_dir: str | Path, min_depth: float = 1.0) -> TeacherCache:
+def open_cache(teacher: Any, cache_dir: str | Path, min_depth: float = 1.0,
+               prompt_denoising: float | None = None) -> TeacherCache:
     """The cache of ``teacher`` under ``cache_dir`` (what the teacher pass fills): read the
     teacher's pseudo-labels and features of a sample with ``load_sample`` / ``pseudo_labels``.
 
     The cache keeps the teacher's ``source_digest`` only when it reads per-image files
-    (``reads_sources`` is not False), so a CLIP teacher can leave memory after the pass."""
+    (``reads_sources`` is not False), so a CLIP teacher can leave memory after the pass.
+    ``prompt_denoising``: MaskCLIP's threshold for the pseudo-labels (None: off)."""
     t = as_teacher(teacher)
     ident, _ = teacher_identity(t)
     digest = t.source_digest if getattr(t, "reads_sources", True) is not False else None
-    return TeacherCache(cache_dir, ident, Preprocess({}, min_depth), digest)
+    return TeacherCache(cache_dir, ident, Preprocess({}, min_depth, prompt_denoising), digest)
 
 
 class TeacherAgreement:
