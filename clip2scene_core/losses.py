@@ -122,7 +122,8 @@ class SsrConfig:
     # released code's mean over its packed (cell, slot) table does (empty slots add a constant)
     normalize: Literal["cells", "points", "slots"] = "cells"
     # Eq. 2 sums over pixel-point pairs: key-frame points without a pixel stay out unless this
-    # is set (sweep points enter SSR as point members: our sweeps are not projected to pixels)
+    # is set (sweep points without a pixel enter SSR as point members; with
+    # data.sweeps_to_keyframe_cameras those a key-frame camera sees are pairs)
     unpaired_points: bool = False
     detach_target: bool = False       # stop gradients through the fused cell feature
     # "cell": Eq. 2-4 over grid cells; "pair": the released ScanNet loss, the mean over

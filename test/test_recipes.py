@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: the README table, outdoors (nuScenes, SemanticKITTI, rosbag) — (project, released, paper)
 OUTDOOR = {
+    "data.sweeps_to_keyframe_cameras": (False, True, True),
     "model.backbone": ("minkunet34", "spvcnn", "spvcnn"),
     "model.head_input": ("last", "concat", "concat"),
     "model.dropout": (None, 0.0, 0.0),
@@ -374,7 +375,7 @@ def test_states_written_before_the_recipe_keys_still_resume() -> None:
     del old["recipe"], old["model"]["head_input"], old["model"]["dropout"], old["vocabulary"]["prompts"]
     for key in ("form", "features", "metric", "max_members"):
         del old["loss"]["ssr"][key]
-    del old["loss"]["scr"]["ce_logits"]
+    del old["loss"]["scr"]["ce_logits"], old["data"]["sweeps_to_keyframe_cameras"]
     assert config_differences(old, cur) == []
     assert config_differences(old["model"], cur["model"], ignore=False) == []
     rel = to_dict(_load("pretrain_nuscenes", ["recipe=released"]))

@@ -14,34 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene_core.config import from_dict
-from clip2scene_core.datasets import NuScenesReader
 from clip2scene_core.errors import Clip2SceneError, ConfigError
 
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-VIT_CFG = {"embed_dim": 24, "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16,
-                                           "head_width": 16}, "text_cfg": TEXT_CFG}
+# the tiny random ViT teacher and the real nuScenes key frame of the plain cache's tests
+from test_teacher_cache import VIT_CFG, sample, teacher, text_emb  # noqa: F401 (shared module fixtures)
+
 PLAIN_ARRAYS = {"point_index", "features", "labels", "text_digest", "digest"}
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    from clip2scene_core.clip import ClipTeacher, PreprocessConfig
-
-    return ClipTeacher.from_config(VIT_CFG, device="cpu", seed=0, preprocess=PreprocessConfig(short_side=96))
-
-
-@pytest.fixture(scope="module")
-def sample(data_dir):
-    reader = NuScenesReader(data_dir / "nuscenes/dororo99_v1.0-extract_3samples", version_dir="v1.0-extract-subset",
-                            cameras=("CAM_FRONT", "CAM_FRONT_LEFT"))
-    return reader[0]
-
-
-@pytest.fixture(scope="module")
-def text_emb(teacher):
-    from clip2scene_core.clip import Vocabulary
-
-    return teacher.text_embeddings(Vocabulary.preset("nuscenes16"), "single", use_cache=False).float().cpu()
 
 
 def _kept(teacher, image, text_emb, threshold):

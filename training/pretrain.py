@@ -60,7 +60,7 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
     from clip2scene_core.models import build_model
     from clip2scene_core.teachers import as_teacher
     from training.engine import common
-    from training.engine.data import Subset, TrainDataset, build_reader
+    from training.engine.data import Subset, TrainDataset, build_reader, with_sweeps_in_cameras
     from training.engine.distributed import unwrap, wrap_ddp
     from training.engine.loop import Trainer, build_sgd
     from training.engine.objectives import PretrainObjective
@@ -74,6 +74,8 @@ def run(cfg: PretrainConfig, resume: bool = False, teacher_only: bool = False, *
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         vocab = common.build_vocabulary(cfg.vocabulary)
         reader = reader if reader is not None else build_reader(cfg.data, Path.cwd())
+        # a reader given by the caller gets the same sweep marking build_reader applies
+        reader = with_sweeps_in_cameras(reader, cfg.data)
         if cfg.data.indices is not None:
             reader = Subset(reader, cfg.data.indices)
 

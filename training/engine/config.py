@@ -50,6 +50,9 @@ class DataConfig:
     max_points: int | None = None             # random key-frame subsample (CPU demos/tests)
     max_sweep_points: int | None = None
     use_sweeps: bool = True                   # feed earlier sweeps (SSR's temporal part)
+    # project the (aligned) sweeps into the key-frame cameras: their points get teacher pixels
+    # and join SCR and SSR's pixel-point pairs (the released code); off: SSR point members only
+    sweeps_to_keyframe_cameras: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -6,8 +6,9 @@ worker builds it and whether or not the run was resumed in the middle of an epoc
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,17 +56,48 @@ TRAINING_READERS: dict[str, Callable[..., Sequence[Any]]] = {
 }
 
 
+class SweepsInCameras:
+    """A reader whose samples ask for their sweeps in the key-frame cameras
+    (``data.sweeps_to_keyframe_cameras``): each sample gets ``sweeps_in_cameras = True``, so
+    the teacher cache projects its aligned sweeps too (``teacher_cache.camera_scan``) and
+    ``prepare_sample`` pairs the sweep points that got a pixel."""
+
+    def __init__(self, base: Sequence[Any]) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        sample = copy.copy(self.base[i])     # a shallow copy: the base's sample stays unflagged
+        sample.sweeps_in_cameras = True
+        return sample
+
+    def sample_scenes(self) -> list[str]:
+        return sample_scenes(self.base)
+
+
+def with_sweeps_in_cameras(reader: Sequence[Any], cfg: DataConfig) -> Sequence[Any]:
+    """``reader`` wrapped in ``SweepsInCameras`` when ``cfg`` feeds sweeps and asks for them in
+    the cameras (once: a wrapped reader is returned as it is), else ``reader``."""
+    if not (cfg.use_sweeps and cfg.sweeps_to_keyframe_cameras) or isinstance(reader, SweepsInCameras):
+        return reader
+    return SweepsInCameras(reader)
+
+
 def build_reader(cfg: DataConfig, base_dir: str | Path = ".") -> Sequence[Any]:
-    """Instantiate the reader named in ``cfg`` (a ``Sequence[Sample]``) from the registry."""
+    """Instantiate the reader named in ``cfg`` (a ``Sequence[Sample]``) from the registry
+    (wrapped by ``with_sweeps_in_cameras``)."""
     readers = {**READERS, **TRAINING_READERS}
     factory = readers.get(cfg.reader)
     if factory is None:
         raise ConfigError(f"data.reader: unknown reader '{cfg.reader}'; known: {sorted(readers)}")
     args = _resolve_paths(dict(cfg.args), Path(base_dir))
     try:
-        return factory(**args)
+        reader = factory(**args)
     except TypeError as exc:
         raise ConfigError(f"data.args do not fit {cfg.reader}: {exc}") from exc
+    return with_sweeps_in_cameras(reader, cfg)
 
 
 def sample_scenes(reader: Sequence[Any]) -> list[str]:
@@ -119,7 +151,10 @@ class Prepared:
     """One sample ready for batching.
 
     ``scans[0]`` is the key frame, the rest are its sweeps moved into the key frame; all are
-    augmented with the same transform. ``has_pixel``/``pixel_*`` follow the key-frame points.
+    augmented with the same transform. ``has_pixel``/``pixel_labels`` follow the key-frame
+    points; ``sweep_has_pixel``/``sweep_pixel_labels`` (one array per sweep, empty when
+    sweeps get no pixels) the sweeps'. ``pixel_features`` rows: the key frame's paired points,
+    then each sweep's, in order.
     """
 
     scans: list[Scan]
@@ -130,6 +165,8 @@ class Prepared:
     gt: np.ndarray | None              # (N_key,) int64
     token: str
     num_original: int
+    sweep_has_pixel: list[np.ndarray] = field(default_factory=list)
+    sweep_pixel_labels: list[np.ndarray] = field(default_factory=list)
 
 
 def _augment_matrix(cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -156,11 +193,17 @@ def _transform_scan(scan: Scan, M: np.ndarray, t: np.ndarray | None = None) -> S
 
 def prepare_sample(sample: Any, targets: PixelTargets | None, cfg: DataConfig, rng: np.random.Generator,
                    augment: bool, embed_dim: int) -> Prepared:
-    """Subsample, attach teacher targets, align sweeps, augment."""
+    """Subsample, attach teacher targets, align sweeps, augment.
+
+    With ``sample.sweeps_in_cameras`` the targets index the key frame followed by the sweeps
+    (``teacher_cache.camera_scan``) and the sweep points that got a pixel are paired."""
     scan: Scan = sample.scan
     n = len(scan)
-    row = np.full(n, -1, np.int64)                 # point → row of targets (no dense (N, D) copy)
-    plab = np.full(n, -1, np.int64)
+    sweeps = list(getattr(sample, "sweeps", []) or [])
+    in_cams = bool(getattr(sample, "sweeps_in_cameras", False))
+    covered = n + (sum(len(sw) for sw, _ in sweeps) if in_cams else 0)
+    row = np.full(covered, -1, np.int64)           # point → row of targets (no dense (N, D) copy)
+    plab = np.full(covered, -1, np.int64)
     if targets is not None and len(targets):
         row[targets.point_index] = np.arange(len(targets))
         plab[targets.point_index] = targets.labels
@@ -169,21 +212,35 @@ def prepare_sample(sample: Any, targets: PixelTargets | None, cfg: DataConfig, r
         sel = np.sort(rng.choice(n, cfg.max_points, replace=False))
     r = row[sel]
     has = r >= 0
-    pfeat = (targets.features[r[has]].astype(np.float32) if targets is not None and len(targets)
-             else np.zeros((0, embed_dim), np.float32))
+    rows = [r[has]]
     key = scan.select(sel)
     scans = [key]
+    sweep_has, sweep_lab = [], []
     if cfg.use_sweeps:
-        for sw, T in getattr(sample, "sweeps", []) or []:
+        offset = n
+        for sw, T in sweeps:
             T = np.asarray(T, dtype=np.float64)
-            if cfg.max_sweep_points is not None and len(sw) > cfg.max_sweep_points:
-                sw = sw.select(np.sort(rng.choice(len(sw), cfg.max_sweep_points, replace=False)))
+            full = len(sw)
+            s_sel = np.arange(full)
+            if cfg.max_sweep_points is not None and full > cfg.max_sweep_points:
+                s_sel = np.sort(rng.choice(full, cfg.max_sweep_points, replace=False))
+                sw = sw.select(s_sel)
             scans.append(_transform_scan(sw, T[:3, :3], T[:3, 3]))
+            if in_cams:                   # this sweep's rows of the targets follow the earlier ones
+                sr = row[offset + s_sel]
+                sweep_has.append(sr >= 0)
+                sweep_lab.append(plab[offset + s_sel])
+                rows.append(sr[sr >= 0])
+                offset += full
+    have = targets is not None and len(targets)
+    pfeat = (targets.features[np.concatenate(rows)].astype(np.float32) if have
+             else np.zeros((0, embed_dim), np.float32))
     if augment and cfg.augment.enabled:
         M = _augment_matrix(cfg.augment, rng)
         scans = [_transform_scan(s, M) for s in scans]
     gt = None if getattr(sample, "labels", None) is None else np.asarray(sample.labels)[sel]
-    return Prepared(scans, sel, has, pfeat, plab[sel], gt, str(getattr(sample, "token", "")), n)
+    return Prepared(scans, sel, has, pfeat, plab[sel], gt, str(getattr(sample, "token", "")), n,
+                    sweep_has, sweep_lab)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -193,7 +250,7 @@ class TrainDataset(torch.utils.data.Dataset):
                  cache: TeacherCache | None = None, text_emb: torch.Tensor | None = None,
                  augment: bool = True, need_labels: bool = False,
                  label_map: np.ndarray | None = None) -> None:
-        self.reader, self.cfg, self.seed = reader, cfg, int(seed)
+        self.reader, self.cfg, self.seed = with_sweeps_in_cameras(reader, cfg), cfg, int(seed)
         self.label_map = label_map            # dataset class index → vocabulary index
         self.cache, self.text_emb = cache, text_emb
         self.augment, self.embed_dim, self.need_labels = augment, embed_dim, need_labels
@@ -228,7 +285,7 @@ class Batch:
     sample: torch.Tensor          # (N,) sample index in the batch
     is_key: torch.Tensor          # (N,) bool: key-frame point (not a sweep)
     xyz: torch.Tensor             # (N, 3) float32 in the (augmented) key frame
-    has_pixel: torch.Tensor       # (N,) bool
+    has_pixel: torch.Tensor       # (N,) bool (sweep points too with sweeps_to_keyframe_cameras)
     pixel_labels: torch.Tensor    # (N,) int64 (-1 where no pixel)
     pixel_features: torch.Tensor  # (P, D) for the rows where has_pixel, in order
     gt: torch.Tensor | None       # (N,) int64 (-1 for sweeps / ignore)
@@ -253,8 +310,11 @@ def collate_prepared(items: list[Prepared], voxel_cfg: VoxelConfig) -> Batch:
     """Key frames first (batch rows 0..B-1), then every sweep as its own batch row, so the
     network sees each sweep separately and SSR fuses them in the key frame's grid."""
     scans, sample_id, is_key, pix_row, pix_lab, pix_feat, gt, pidx = [], [], [], [], [], [], [], []
-    offset = 0
     with_gt = all(it.gt is not None for it in items)
+    # next row of ``pixel_features`` per item: items' rows are concatenated in item order,
+    # each the key frame's then its sweeps' (visited in that order below)
+    nxt = np.cumsum([0] + [len(it.pixel_features) for it in items])[:-1]
+    pix_feat = [it.pixel_features for it in items]
     order = [(b, 0) for b in range(len(items))] + [(b, s) for b, it in enumerate(items)
                                                      for s in range(1, len(it.scans))]
     for b, s in order:
@@ -265,18 +325,21 @@ def collate_prepared(items: list[Prepared], voxel_cfg: VoxelConfig) -> Batch:
         sample_id.append(np.full(n, b, np.int64))
         is_key.append(np.full(n, s == 0))
         if s == 0:
-            r = np.full(n, -1, np.int64)
-            r[it.has_pixel] = offset + np.arange(int(it.has_pixel.sum()))
-            offset += int(it.has_pixel.sum())
-            pix_row.append(r)
-            pix_lab.append(it.pixel_labels)
-            pix_feat.append(it.pixel_features)
+            has, lab = it.has_pixel, it.pixel_labels
+        elif s - 1 < len(it.sweep_has_pixel):
+            has, lab = it.sweep_has_pixel[s - 1], it.sweep_pixel_labels[s - 1]
+        else:
+            has, lab = np.zeros(n, bool), np.full(n, -1, np.int64)
+        r = np.full(n, -1, np.int64)
+        r[has] = nxt[b] + np.arange(int(has.sum()))
+        nxt[b] += int(has.sum())
+        pix_row.append(r)
+        pix_lab.append(lab)
+        if s == 0:
             pidx.append(it.point_index.astype(np.int64))
             if with_gt:
                 gt.append(it.gt.astype(np.int64))
         else:
-            pix_row.append(np.full(n, -1, np.int64))
-            pix_lab.append(np.full(n, -1, np.int64))
             pidx.append(np.full(n, -1, np.int64))
             if with_gt:
                 gt.append(np.full(n, -1, np.int64))

@@ -54,7 +54,7 @@ RESUME_IGNORED = ("run.out_dir", "run.device", "run.num_workers", "run.log_every
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "recipe": "project", "head_input": "last", "dropout": None, "vocabulary.prompts": "synonyms",
     "scr.ce_logits": "cosine", "ssr.form": "cell", "ssr.features": "fused", "ssr.metric": "cosine",
-    "ssr.max_members": None,
+    "ssr.max_members": None, "sweeps_to_keyframe_cameras": False,
 }
 
 

@@ -28,9 +28,11 @@ class PretrainObjective:
     code, SCR trains the head that classifies against the text at inference (ours ``local``,
     the released SPVCNN's ``point_mapping_global``) and SSR the other head. SCR sees the
     key-frame points with a pixel, with the (possibly switched) pseudo-labels; SSR sees the
-    pixel-point pairs of the key frame plus the sweep points (aligned into the key frame; our
-    pipeline gives them no pixel, so they enter as point members), grid cells labelled by the
-    pixel pseudo-labels (never the switched ones, as in the released code).
+    pixel-point pairs of the key frame plus the sweep points (aligned into the key frame); with
+    ``data.sweeps_to_keyframe_cameras`` the sweep points a key-frame camera sees have pixels
+    and count as pairs in SCR and SSR like key-frame points, the others (and all of them when
+    off) enter SSR as point members. Grid cells are labelled by the pixel pseudo-labels (never
+    the switched ones, as in the released code).
 
     ``loss.ssr.form = "pair"`` (released ScanNet) replaces the cells by 1 - cos(pixel, point)
     over the pairs; ``loss.ssr.max_members`` keeps the first k SSR points of each cell (and

@@ -19,9 +19,10 @@ config key of its own, so any mix can be selected by hand.
   code's value.
 
 Outdoor and indoor datasets differ (the released code too): ``ScanNetReader`` is indoor,
-every other reader outdoor. Not reproduced: the released code projects the sweeps into the
-key-frame cameras so that they join SCR and SSR with pixels; here sweeps have no pixels and
-enter SSR as point members (``data.sweeps_to_keyframe_cameras`` does not exist yet).
+every other reader outdoor. ``data.sweeps_to_keyframe_cameras`` (``released`` and ``paper``):
+the sweeps, aligned into the key frame, are projected into the key-frame cameras as the
+released code does, so that their points join SCR and SSR with pixels; ``project`` leaves
+them without pixels (SSR point members). The paper is silent: the released code's value.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ SPVCNN_KEYS = ("model.head_input", "model.dropout")
 
 _COMMON: dict[str, dict[str, Any]] = {
     "project": {
+        "data.sweeps_to_keyframe_cameras": False,
         "model.backbone": "minkunet34", "model.head_input": "last", "model.dropout": None,
         "vocabulary.prompts": "synonyms",
         "loss.scr.variant": "contrastive", "loss.scr.form": "per_point", "loss.scr.ce_logits": "cosine",
@@ -44,6 +46,7 @@ _COMMON: dict[str, dict[str, Any]] = {
         "loss.self_training.switch_epoch": 10, "loss.self_train_unpaired": False,
     },
     "released": {
+        "data.sweeps_to_keyframe_cameras": True,
         "model.backbone": "spvcnn", "model.head_input": "concat", "model.dropout": 0.0,
         "vocabulary.prompts": "bare",
         "loss.scr.variant": "cross_entropy", "loss.scr.form": "per_point", "loss.scr.ce_logits": "dot",
@@ -55,6 +58,7 @@ _COMMON: dict[str, dict[str, Any]] = {
         "loss.self_training.switch_epoch": 11, "loss.self_train_unpaired": False,
     },
     "paper": {
+        "data.sweeps_to_keyframe_cameras": True,
         "model.backbone": "spvcnn", "model.head_input": "concat", "model.dropout": 0.0,
         "vocabulary.prompts": "bare",
         "loss.scr.variant": "contrastive", "loss.scr.form": "per_class", "loss.scr.ce_logits": "cosine",

@@ -26,6 +26,13 @@ image's class scores: the entry's pass keeps the classes of the image that reach
 the points' features), stores them as ``keep`` and never labels a point with another class. Its
 threshold is part of the key, so changing it recomputes the entries; off, keys and entries are
 exactly those of a cache without the option.
+
+Sweeps in the key-frame cameras (``data.sweeps_to_keyframe_cameras``, as the released
+CLIP2Scene code trains): a sample flagged ``sweeps_in_cameras`` (``SweepsInCameras`` in
+training.engine.data sets it) is projected as its key frame followed by its sweeps, already
+moved into the key frame (``camera_scan``); its entries then hold the pixels of sweep points
+too (point indices past the key frame's count), and their keys, which cover the points, differ
+from the key-frame-only ones. A sample without sweeps projects exactly its key frame.
 """
 from __future__ import annotations
 
@@ -162,6 +169,34 @@ def denoised_pixel_features(teacher: Any, image: np.ndarray, uv: np.ndarray, tex
     return sample_grid(fmap, uv, geo), keep.cpu()
 
 
+def aligned_sweep_xyz(sweep: Scan, transform: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 points of ``sweep`` in the key frame (``transform``: sweep → key-frame
+    lidar), computed as training's data pipeline moves them, so both see the same points."""
+    T = np.asarray(transform, dtype=np.float64)
+    xyz = sweep.points[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+    return xyz.astype(np.float32)
+
+
+def camera_scan(sample: Any) -> Scan:
+    """The points of ``sample`` the teacher cache projects into its cameras: the key frame,
+    followed by every sweep moved into the key frame when ``sample.sweeps_in_cameras`` is set
+    (xyz only: entries depend on nothing else)."""
+    scan: Scan = sample.scan
+    sweeps = getattr(sample, "sweeps", None) or []
+    if not getattr(sample, "sweeps_in_cameras", False) or not sweeps:
+        return scan
+    xyz = np.concatenate([scan.xyz.astype(np.float32)] + [aligned_sweep_xyz(sw, T) for sw, T in sweeps])
+    return Scan(np.ascontiguousarray(xyz), ("x", "y", "z"), scan.frame_id, scan.stamp_ns)
+
+
+def key_frame_targets(targets: PixelTargets, num_key: int) -> PixelTargets:
+    """The part of ``targets`` on the key frame's ``num_key`` points (drops sweep points)."""
+    m = targets.point_index < num_key
+    if m.all():
+        return targets
+    return PixelTargets(targets.point_index[m], targets.features[m], targets.labels[m])
+
+
 def entry_key(teacher_id: str, camera: CameraFrame, xyz: np.ndarray, pre: Preprocess, source: str = "") -> str:
     """Content address of one (image, calibration, points, preprocessing, teacher, source) entry."""
     cal = camera.calibration
@@ -204,7 +239,7 @@ class TeacherCache:
         return [entry_key(self.teacher_id, cam, scan.xyz, self.preprocess, src) for cam, src in zip(cameras, sources)]
 
     def keys_for_sample(self, sample: Any) -> list[str]:
-        return self.keys_for(sample.scan, sample.cameras, [view_of(sample, c) for c in sample.cameras])
+        return self.keys_for(camera_scan(sample), sample.cameras, [view_of(sample, c) for c in sample.cameras])
 
     # ------------------------------------------------------------------ writing
     def _write(self, key: str, arrays: dict[str, np.ndarray]) -> None:
@@ -353,17 +388,18 @@ class TeacherCache:
         bar = tqdm(samples, total=total, desc=desc, disable=not progress, unit="sample")
         for sample in bar:
             views = [view_of(sample, c) for c in sample.cameras]
-            keys = self.keys_for(sample.scan, sample.cameras, views)
+            scan = camera_scan(sample)
+            keys = self.keys_for(scan, sample.cameras, views)
             for cam, key, view in zip(sample.cameras, keys, views):
                 existed = self.path(key).is_file()
-                if self._entry_ok(key, len(sample.scan), text):
+                if self._entry_ok(key, len(scan), text):
                     stats["cached"] += 1
                     continue
-                self.compute_entry(teacher, sample.scan, cam, text_emb, key, view)
+                self.compute_entry(teacher, scan, cam, text_emb, key, view)
                 stats["computed"] += 1
                 repaired += int(existed)
             if agreement is not None and getattr(sample, "labels", None) is not None:
-                agreement.update(sample, self._load_keys(sample.scan, keys, text_emb))
+                agreement.update(sample, key_frame_targets(self._load_keys(scan, keys, text_emb), len(sample.scan)))
             stats["samples"] += 1
             bar.set_postfix(computed=stats["computed"], cached=stats["cached"])
         if repaired:
@@ -377,12 +413,13 @@ class TeacherCache:
         return self._load_keys(scan, self.keys_for(scan, cameras), text_emb)
 
     def load_sample(self, sample: Any, text_emb: torch.Tensor | None = None) -> PixelTargets:
-        """Merged teacher targets of one sample (works for every teacher)."""
-        return self._load_keys(sample.scan, self.keys_for_sample(sample), text_emb)
+        """Merged teacher targets of one sample (works for every teacher); with
+        ``sweeps_in_cameras`` they index ``camera_scan(sample)`` (key frame, then sweeps)."""
+        return self._load_keys(camera_scan(sample), self.keys_for_sample(sample), text_emb)
 
     def pseudo_labels(self, sample: Any, text_emb: torch.Tensor) -> np.ndarray:
         """(N,) the teacher's pseudo-label of every point of ``sample`` (-1: no camera pixel)."""
-        t = self.load_sample(sample, text_emb)
+        t = key_frame_targets(self.load_sample(sample, text_emb), len(sample.scan))
         out = np.full(len(sample.scan), -1, np.int64)
         out[t.point_index] = t.labels
         return out
