@@ -137,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--scr-variant", choices=["contrastive", "cross_entropy"], default=d.scr_variant)
+    p.add_argument("--ce-logits", choices=["cosine", "dot"], default=d.ce_logits,
+                   help="cross_entropy over cosines x 1/temperature or raw dot products (released code)")
     p.add_argument("--no-ssr", action="store_true", help="SCR only")
     p.add_argument("--lovasz-weight", type=float, default=1.0, help="loss.scr.lovasz_weight of the imbalance variant")
     p.add_argument("--class-weights", default="none", help="loss.scr.class_weights of the imbalance variant")
@@ -148,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base = OracleRecipe(steps=args.steps, max_points=args.max_points or None, backbone=args.backbone,
                         width=args.width, voxel_size=args.voxel_size, embed_dim=args.embed_dim, lr=args.lr,
-                        batch_size=args.batch_size, scr_variant=args.scr_variant, ssr=not args.no_ssr,
-                        noise=args.noise)
+                        batch_size=args.batch_size, scr_variant=args.scr_variant, ce_logits=args.ce_logits,
+                        ssr=not args.no_ssr, noise=args.noise)
     with tempfile.TemporaryDirectory(prefix="learning-oracle-") as tmp:
         work = Path(args.out or tmp)
         runs: dict[str, list[dict[str, Any]]] = {}

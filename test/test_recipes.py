@@ -34,9 +34,9 @@ OUTDOOR = {
     "model.dropout": (None, 0.0, 0.0),
     "model.voxel.voxel_size": (0.1, 0.1, 0.1),
     "vocabulary.prompts": ("synonyms", "bare", "bare"),
-    "loss.scr.variant": ("contrastive", "cross_entropy", "contrastive"),
+    "loss.scr.variant": ("cross_entropy", "cross_entropy", "contrastive"),
     "loss.scr.form": ("per_point", "per_point", "per_class"),
-    "loss.scr.ce_logits": ("cosine", "dot", "cosine"),
+    "loss.scr.ce_logits": ("dot", "dot", "cosine"),
     "loss.ssr.form": ("cell", "cell", "cell"),
     "loss.ssr.grid_size": (0.5, 0.1, 0.1),
     "loss.ssr.max_members": (None, 8, None),
@@ -94,7 +94,7 @@ def test_project_recipe_keeps_the_shipped_configs_values() -> None:
         assert cfg.recipe == "project"
         assert (cfg.model.backbone, cfg.model.voxel.voxel_size, cfg.loss.ssr.grid_size) == ("minkunet34", vox, grid)
         assert (cfg.loss.scr.variant, cfg.loss.ssr.similarity, cfg.loss.self_training.switch_epoch) == \
-            ("contrastive", "sigmoid_dot", 10)
+            ("cross_entropy", "sigmoid_dot", 10)
     demo = _load("pretrain_demo", ["recipe=released"])     # the demo pins its own small choices
     assert (demo.model.backbone, demo.model.voxel.voxel_size, demo.loss.ssr.grid_size) == ("minkunet14a", 0.25, 1.0)
     assert demo.model.head_input == "last" and demo.loss.ssr.features == "points"
@@ -370,14 +370,19 @@ def test_states_written_before_the_recipe_keys_still_resume() -> None:
     are the ones that reproduce it; another value is reported."""
     from training.engine.loop import config_differences
 
-    cur = to_dict(_load("pretrain_nuscenes"))
-    old = to_dict(_load("pretrain_nuscenes"))
+    # a run from before the recipes: the SCR default then was contrastive (Eq. 1)
+    before = ["loss.scr.variant=contrastive", "loss.scr.ce_logits=cosine"]
+    cur = to_dict(_load("pretrain_nuscenes", before))
+    old = to_dict(_load("pretrain_nuscenes", before))
     del old["recipe"], old["model"]["head_input"], old["model"]["dropout"], old["vocabulary"]["prompts"]
     for key in ("form", "features", "metric", "max_members"):
         del old["loss"]["ssr"][key]
     del old["loss"]["scr"]["ce_logits"], old["data"]["sweeps_to_keyframe_cameras"]
     assert config_differences(old, cur) == []
     assert config_differences(old["model"], cur["model"], ignore=False) == []
+    # resumed under today's project default (the released SCR), the change is reported
+    now = config_differences(old, to_dict(_load("pretrain_nuscenes")))
+    assert any(d.startswith("loss.scr.variant") for d in now) and any(d.startswith("loss.scr.ce_logits") for d in now)
     rel = to_dict(_load("pretrain_nuscenes", ["recipe=released"]))
     diff = config_differences(old, rel)
     assert "recipe: '<absent>' -> 'released'" in diff and any(d.startswith("loss.ssr.metric") for d in diff)

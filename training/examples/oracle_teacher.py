@@ -264,7 +264,10 @@ class OracleRecipe:
     lr: float = 0.5
     batch_size: int = 1                # 600 steps of 1 scan fit far better than 300 of 2 (same compute)
     scheduler: str = "cosine"
-    scr_variant: str = "contrastive"   # contrastive (paper Eq. 1) | cross_entropy (released code)
+    # the project's SCR: the released code's cross-entropy over raw dot products (contrastive:
+    # the paper's Eq. 1, the default before; it learned 57.6 % where this learns 80.5 %)
+    scr_variant: str = "cross_entropy"  # cross_entropy (released code) | contrastive (paper Eq. 1)
+    ce_logits: str = "dot"              # loss.scr.ce_logits of cross_entropy: dot (released) | cosine
     class_weights: str = "none"        # loss.scr.class_weights
     lovasz_weight: float = 0.0         # loss.scr.lovasz_weight
     ssr: bool = True
@@ -287,8 +290,8 @@ def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Pa
                             "features": ["intensity", "z"]}},
         "teacher": {"model_name": OracleTeacher.model_name, "cache_dir": str(cache_dir), "min_depth": 1.0},
         "vocabulary": {"preset": "semantickitti19"},
-        "loss": {"scr": {"variant": r.scr_variant, "temperature": 0.5, "class_weights": r.class_weights,
-                         "lovasz_weight": r.lovasz_weight},
+        "loss": {"scr": {"variant": r.scr_variant, "ce_logits": r.ce_logits, "temperature": 0.5,
+                         "class_weights": r.class_weights, "lovasz_weight": r.lovasz_weight},
                  "ssr": {"enabled": r.ssr, "grid_size": 1.0, "lam": 1.0},
                  "self_training": {"enabled": False}},
         "optim": {"lr": r.lr, "momentum": 0.9, "dampening": 0.1, "steps": r.steps, "batch_size": r.batch_size,
