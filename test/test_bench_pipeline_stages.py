@@ -8,7 +8,6 @@ instrumented pipeline still labels the sweep like an untouched one.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("pipeline_latency", ROOT / "benchmarks" / "pipeline_latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_module_file):
+    return load_module_file("pipeline_latency", ROOT / "benchmarks" / "pipeline_latency.py")
 
 
 def test_stage_split_covers_the_frame_in_order(bench):

@@ -10,7 +10,6 @@ our backbone's features on the real sweep to float32 rounding.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,8 @@ BOX = 16        # edge (voxels) of the real block used for the dense reference
 
 
 @pytest.fixture(scope="module")
-def stack():
-    spec = importlib.util.spec_from_file_location("spconv_stack", ROOT / "benchmarks" / "spconv_stack.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def stack(load_module_file):
+    return load_module_file("spconv_stack", ROOT / "benchmarks" / "spconv_stack.py")
 
 
 @pytest.fixture(scope="module")
