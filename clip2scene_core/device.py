@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -45,10 +46,14 @@ def cpu_has_fast_bf16() -> bool:
     Without them oneDNN emulates bf16 and autocast is *slower* than fp32 (about 10× measured
     on an AVX2 AMD EPYC), so "auto" must not choose it there. torch's dispatch level
     (``torch.backends.cpu.get_cpu_capability()``) only says AVX2 / AVX512, not whether bf16
-    is native, hence the CPU flags (Linux); elsewhere False.
+    is native, hence the CPU flags (Linux); elsewhere False. ``CLIP2SCENE_CPU_BF16=0`` (or
+    ``1``) overrides the answer: fp32 everywhere for bit-exact comparisons across machines.
     """
     import torch
 
+    forced = os.environ.get("CLIP2SCENE_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
             return False

@@ -23,6 +23,10 @@ os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 # threads spin against a busy core (a 30 s training test took over an hour beside two other
 # jobs). Set before torch loads (OpenMP reads the policy once); the suite's results do not
 # depend on the thread count. Tests of thread settings set and restore their own.
+# "auto" precisions mean fp32 in the suite on every CPU (inherited by the processes it starts):
+# the reference comparisons are fp32 and some machines have native bf16 (AVX512-BF16), which
+# "auto" would pick; the bf16 paths are tested where tests ask for bf16 explicitly.
+os.environ.setdefault("CLIP2SCENE_CPU_BF16", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -53,7 +53,9 @@ def ckpt_path(tmp_path_factory) -> Path:
 
 def test_round_trip_and_labels_are_nearest_text_embedding(ckpt_path, data_dir):
     scan = _scan(data_dir)
-    seg = Segmenter.load(ckpt_path, device="cpu")
+    # fp32: `auto` picks bf16 on CPUs with native bf16 (AVX512-BF16/AMX), whose labels may differ
+    # from the fp32 re-computation below on near-ties (tested in the precision tests)
+    seg = Segmenter.load(ckpt_path, device="cpu", config=SegmenterConfig(device="cpu", sparse_precision="fp32"))
     assert seg.class_names == list(Vocabulary.preset("nuscenes16").class_names)
     res = seg.segment(scan)
     assert res.labels.shape == (len(scan),) and res.scores.dtype == np.float32
@@ -209,6 +211,23 @@ def test_camera_predictions_fused_later_equal_inline_fusion(ckpt_path, data_dir)
     np.testing.assert_array_equal(off.segment(scan, predictions=[pred]).labels, lidar_only.labels)
     with pytest.raises(ConfigError):
         off.predict_camera(frame)          # no teacher
+
+
+def test_cpu_bf16_answer_can_be_forced_by_the_environment(monkeypatch):
+    """CLIP2SCENE_CPU_BF16 overrides the CPU-flag answer (the suite sets 0: fp32 references)."""
+    cpu = torch.device("cpu")
+    try:
+        for value, expected in (("1", "bf16"), ("0", "fp32")):
+            monkeypatch.setenv("CLIP2SCENE_CPU_BF16", value)
+            cpu_has_fast_bf16.cache_clear()
+            assert resolve_precision("auto", cpu) == expected
+        monkeypatch.delenv("CLIP2SCENE_CPU_BF16")
+        cpu_has_fast_bf16.cache_clear()
+        flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            assert cpu_has_fast_bf16() is False         # the flags decide without the override
+    finally:
+        cpu_has_fast_bf16.cache_clear()
 
 
 def test_teacher_precision_choice():
