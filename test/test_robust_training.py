@@ -371,8 +371,16 @@ def test_resume_refuses_other_models_and_settings(tmp_path, caplog):
 
     with pytest.raises(CheckpointError, match=r"different model.*width_multiplier: 0\.125 -> 0\.25"):
         pretrain.run(_cfg(tmp_path, "r", "model.width_multiplier=0.25", epochs=1), resume=True)
-    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.1 -> 0\.05.*--force-resume"):
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.1 -> 0\.05.*--force-resume") as info:
         pretrain.run(_cfg(tmp_path, "r", "optim.lr=0.05", epochs=1), resume=True)
+    assert "recipe" not in str(info.value)                            # lr is no recipe key: no hint
+    # a key recipes supply (whose defaults may change between versions): the refusal says how
+    # to resume as the state was written
+    with pytest.raises(CheckpointError, match=r"loss\.ssr\.grid_size: 1\.0 -> 0\.5.*"
+                                              r"pass --set loss\.ssr\.grid_size=1\.0\."):
+        pretrain.run(_cfg(tmp_path, "r", "loss.ssr.grid_size=0.5", epochs=1), resume=True)
+    with pytest.raises(CheckpointError, match=r"different model.*pass --set model\.backbone=\"minkunet14a\""):
+        pretrain.run(_cfg(tmp_path, "r", "model.backbone=minkunet18", epochs=1), resume=True)
     with pytest.raises(CheckpointError, match=r"run\.seed: 0 -> 1"):
         pretrain.run(_cfg(tmp_path, "r", "run.seed=1", epochs=1), resume=True)
     with pytest.raises(CheckpointError, match=r"optim\.epochs: 1 -> 2"):

@@ -22,6 +22,7 @@ state machine; split apart, a resumed run could no longer be proven equal to an 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from clip2scene_core.errors import CheckpointError, Clip2SceneError
 from .config import OptimConfig, RunConfig
 from .data import Batch, TrainDataset, epoch_batches, make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from .recipes import RECIPE_KEYS
 from .state import StopFlag, capture_rng, load_state, restore_rng, save_state
 
 StepFn = Callable[[torch.nn.Module, Batch, int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -79,8 +81,7 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED)
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: bool = True) -> list[str]:
-    """``key: saved → current`` for every dotted key whose value differs."""
+def _differing(saved: dict[str, Any], current: dict[str, Any], ignore: bool = True) -> list[tuple[str, Any, Any]]:
     a, b = _flatten(saved), _flatten(current)
     out = []
     for k in sorted(set(a) | set(b)):
@@ -90,8 +91,24 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: b
             continue
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
         if va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
-            out.append(f"{k}: {va!r} -> {vb!r}")
+            out.append((k, va, vb))
     return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: bool = True) -> list[str]:
+    """``key: saved → current`` for every dotted key whose value differs."""
+    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in _differing(saved, current, ignore)]
+
+
+def recipe_hint(differences: list[tuple[str, Any, Any]]) -> str:
+    """For differing keys that a recipe supplies: the ``--set`` options that give back the
+    saved values (a recipe's defaults may change between versions; the state keeps its own)."""
+    sets = [f"--set {k}={json.dumps(va)}" for k, va, _ in differences
+            if k in RECIPE_KEYS and va != "<absent>"]
+    if not sets:
+        return ""
+    return (" Keys a recipe supplies differ (recipe defaults change between versions, README \"Recipes\"); "
+            "to resume as the state was written, pass " + " ".join(sets) + ".")
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -210,14 +227,18 @@ class Trainer:
         settings differ (forced)."""
         current = self.payload()
         if "model_config" in st and "model_config" in current:
-            diff = config_differences(st["model_config"], current["model_config"], ignore=False)
-            if diff:
+            items = _differing(st["model_config"], current["model_config"], ignore=False)
+            if items:
+                diff = [f"{k}: {va!r} -> {vb!r}" for k, va, vb in items]
                 raise CheckpointError(
                     f"{path}: cannot resume: the state is of a different model ({'; '.join(diff)}); "
-                    f"use the model settings it was trained with, or a new run.out_dir")
+                    f"use the model settings it was trained with, or a new run.out_dir."
+                    + recipe_hint([(f"model.{k}", va, vb) for k, va, vb in items]))
         diff: list[str] = []
+        hint = ""
         if isinstance(st.get("config"), dict) and "config" in current:
-            diff = config_differences(st["config"], current["config"])
+            items = _differing(st["config"], current["config"])
+            diff, hint = [f"{k}: {va!r} -> {vb!r}" for k, va, vb in items], recipe_hint(items)
         elif "config" in current:
             log.warning("%s holds no config (older file): the settings cannot be compared", path)
         for key, what in (("teacher_id", "teacher identity"), ("num_samples", "number of training samples")):
@@ -234,7 +255,7 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: --resume refused: the state was written with other settings ({shown}). "
                 f"Resume with the settings it was written with, train into a new run.out_dir, or pass "
-                f"--force-resume to continue this state with the new settings (not reproducible)")
+                f"--force-resume to continue this state with the new settings (not reproducible).{hint}")
         log.warning("--force-resume: continuing %s with changed settings: %s", path, shown)
         return True
 

@@ -274,6 +274,8 @@ class OracleRecipe:
     noise: float = 0.0                 # teacher noise (0: the oracle)
     train_indices: tuple[int, ...] = (0, 1)
     eval_index: int = 2
+    #: further pretrain-config keys as (dotted key, value) pairs, set last (recipe ablations)
+    config: tuple[tuple[str, Any], ...] = ()
 
 
 def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Path, seed: int = 0):
@@ -282,7 +284,7 @@ def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Pa
     from training.engine.config import PretrainConfig
 
     r = recipe
-    return from_dict(PretrainConfig, {
+    data = {
         "data": {"reader": "SemanticKittiReader", "indices": list(r.train_indices), "max_points": r.max_points,
                  "augment": {"rotate_z": 180.0, "scale": [0.95, 1.05]}},
         "model": {"backbone": r.backbone, "in_channels": 2, "embed_dim": r.embed_dim, "width_multiplier": r.width,
@@ -297,7 +299,14 @@ def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Pa
         "optim": {"lr": r.lr, "momentum": 0.9, "dampening": 0.1, "steps": r.steps, "batch_size": r.batch_size,
                   "scheduler": r.scheduler},
         "run": {"out_dir": str(out_dir), "seed": seed, "device": "cpu", "progress": False, "log_every": 0},
-    })
+    }
+    for key, value in r.config:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(PretrainConfig, data)
 
 
 def run_oracle(data_dir: str | Path, recipe: OracleRecipe, out_dir: str | Path, seed: int = 0,
