@@ -80,8 +80,7 @@ def _only_valid(config: dict[str, Any]) -> dict[str, Any]:
 
 _SPV = tuple(SPVCNN_FORMER.items())
 ROWS: tuple[Row, ...] = (
-    Row("3D network, outdoor", "model.backbone", "minkunet34", "spvcnn",
-        start=(("model.head_input", "last"), ("model.dropout", 0.3))),
+    Row("3D network, outdoor", "model.backbone", "minkunet34", "spvcnn", start=_SPV),
     Row("SPVCNN head input", "model.head_input", "last", "concat", start=_SPV),
     Row("SPVCNN dropout", "model.dropout", 0.3, 0.0, start=_SPV),
     Row("SSR cell", "loss.ssr.grid_size", 0.5, 0.1),
@@ -91,10 +90,7 @@ ROWS: tuple[Row, ...] = (
     # slots (the released mean over 8 slots per cell) needs the released 8 members per cell
     Row("SSR normalisation", "loss.ssr.normalize", "cells", "slots", start=(("loss.ssr.max_members", 8),)),
 )
-ALL_RELEASED: dict[str, Any] = {**BASE, "model.backbone": "spvcnn", "model.head_input": "concat",
-                                "model.dropout": 0.0, "loss.ssr.grid_size": 0.1, "loss.ssr.max_members": 8,
-                                "loss.ssr.features": "points", "loss.ssr.metric": "dot",
-                                "loss.ssr.normalize": "slots"}
+ALL_RELEASED: dict[str, Any] = {**BASE, **{row.key: row.released for row in ROWS}}
 
 
 def _key(config: dict[str, Any]) -> str:

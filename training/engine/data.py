@@ -22,7 +22,7 @@ from clip2scene_core.types import Scan
 from clip2scene_core.voxelize import VoxelConfig, Voxels, voxelize
 
 from .config import AugmentConfig, DataConfig
-from .teacher_cache import PixelTargets, TeacherCache
+from .teacher_cache import PixelTargets, TeacherCache, aligned_sweep_xyz
 
 _PATH_KEYS = ("root", "path", "pkl", "file", "bag", "posed_images")
 
@@ -182,13 +182,15 @@ def _augment_matrix(cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     return (R * flip[None, :]) * scale
 
 
-def _transform_scan(scan: Scan, M: np.ndarray, t: np.ndarray | None = None) -> Scan:
+def _with_xyz(scan: Scan, xyz: np.ndarray) -> Scan:
+    """``scan`` with its coordinates replaced by ``xyz`` (other fields kept)."""
     pts = scan.points.copy()
-    xyz = pts[:, :3].astype(np.float64) @ M.T
-    if t is not None:
-        xyz = xyz + t
-    pts[:, :3] = xyz.astype(np.float32)
+    pts[:, :3] = xyz
     return Scan(pts, scan.fields, scan.frame_id, scan.stamp_ns)
+
+
+def _transform_scan(scan: Scan, M: np.ndarray) -> Scan:
+    return _with_xyz(scan, (scan.points[:, :3].astype(np.float64) @ M.T).astype(np.float32))
 
 
 def prepare_sample(sample: Any, targets: PixelTargets | None, cfg: DataConfig, rng: np.random.Generator,
@@ -219,13 +221,13 @@ def prepare_sample(sample: Any, targets: PixelTargets | None, cfg: DataConfig, r
     if cfg.use_sweeps:
         offset = n
         for sw, T in sweeps:
-            T = np.asarray(T, dtype=np.float64)
             full = len(sw)
             s_sel = np.arange(full)
             if cfg.max_sweep_points is not None and full > cfg.max_sweep_points:
                 s_sel = np.sort(rng.choice(full, cfg.max_sweep_points, replace=False))
                 sw = sw.select(s_sel)
-            scans.append(_transform_scan(sw, T[:3, :3], T[:3, 3]))
+            # the same arithmetic the teacher cache projects (camera_scan): the same points
+            scans.append(_with_xyz(sw, aligned_sweep_xyz(sw, T)))
             if in_cams:                   # this sweep's rows of the targets follow the earlier ones
                 sr = row[offset + s_sel]
                 sweep_has.append(sr >= 0)

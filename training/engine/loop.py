@@ -95,9 +95,13 @@ def _differing(saved: dict[str, Any], current: dict[str, Any], ignore: bool = Tr
     return out
 
 
+def _described(items: list[tuple[str, Any, Any]]) -> list[str]:
+    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in items]
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: bool = True) -> list[str]:
     """``key: saved → current`` for every dotted key whose value differs."""
-    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in _differing(saved, current, ignore)]
+    return _described(_differing(saved, current, ignore))
 
 
 def recipe_hint(differences: list[tuple[str, Any, Any]]) -> str:
@@ -229,16 +233,15 @@ class Trainer:
         if "model_config" in st and "model_config" in current:
             items = _differing(st["model_config"], current["model_config"], ignore=False)
             if items:
-                diff = [f"{k}: {va!r} -> {vb!r}" for k, va, vb in items]
                 raise CheckpointError(
-                    f"{path}: cannot resume: the state is of a different model ({'; '.join(diff)}); "
+                    f"{path}: cannot resume: the state is of a different model ({'; '.join(_described(items))}); "
                     f"use the model settings it was trained with, or a new run.out_dir."
                     + recipe_hint([(f"model.{k}", va, vb) for k, va, vb in items]))
         diff: list[str] = []
         hint = ""
         if isinstance(st.get("config"), dict) and "config" in current:
             items = _differing(st["config"], current["config"])
-            diff, hint = [f"{k}: {va!r} -> {vb!r}" for k, va, vb in items], recipe_hint(items)
+            diff, hint = _described(items), recipe_hint(items)
         elif "config" in current:
             log.warning("%s holds no config (older file): the settings cannot be compared", path)
         for key, what in (("teacher_id", "teacher identity"), ("num_samples", "number of training samples")):

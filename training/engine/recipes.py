@@ -85,7 +85,7 @@ _INDOOR_RELEASED: dict[str, Any] = {"model.backbone": "minkunet14a", "model.voxe
 _INDOOR: dict[str, dict[str, Any]] = {
     "released": _INDOOR_RELEASED,
     "project": {**_INDOOR_RELEASED, **PROJECT_WINS["indoor"]},
-    "paper": {"model.backbone": "minkunet14a", "model.voxel.voxel_size": 0.05, "loss.ssr.grid_size": 0.1},
+    "paper": {**_INDOOR_RELEASED, "loss.ssr.form": "cell"},      # Eq. 2-4 cells, not the pair form
 }
 
 #: every dotted key some recipe supplies

@@ -171,7 +171,8 @@ def denoised_pixel_features(teacher: Any, image: np.ndarray, uv: np.ndarray, tex
 
 def aligned_sweep_xyz(sweep: Scan, transform: np.ndarray) -> np.ndarray:
     """(N, 3) float32 points of ``sweep`` in the key frame (``transform``: sweep → key-frame
-    lidar), computed as training's data pipeline moves them, so both see the same points."""
+    lidar). The one computation of it: training's data pipeline and the cache's projection
+    (``camera_scan``) both call it, so both see the same points."""
     T = np.asarray(transform, dtype=np.float64)
     xyz = sweep.points[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
     return xyz.astype(np.float32)

@@ -16,6 +16,7 @@ training loss reads them (the images are painted from the real labels either way
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -281,7 +282,7 @@ class OracleRecipe:
 def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Path, seed: int = 0):
     """The ``PretrainConfig`` of a run (paper losses, no self-training, SGD, CPU)."""
     from clip2scene_core.config import from_dict
-    from training.engine.config import PretrainConfig
+    from training.engine.config import PretrainConfig, apply_overrides
 
     r = recipe
     data = {
@@ -300,13 +301,8 @@ def oracle_config(recipe: OracleRecipe, out_dir: str | Path, cache_dir: str | Pa
                   "scheduler": r.scheduler},
         "run": {"out_dir": str(out_dir), "seed": seed, "device": "cpu", "progress": False, "log_every": 0},
     }
-    for key, value in r.config:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(PretrainConfig, data)
+    # set as `--set key=value` does (JSON is YAML): one mechanism for dotted keys
+    return from_dict(PretrainConfig, apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in r.config]))
 
 
 def run_oracle(data_dir: str | Path, recipe: OracleRecipe, out_dir: str | Path, seed: int = 0,
